@@ -1,0 +1,63 @@
+"""Where configuration comes from: Hydra composition of `conf/`, or the `params.yaml` DVC composed from it.
+
+Stage code reads `params.yaml` (DVC's Hydra integration writes it on `dvc exp run`; plain `dvc repro`
+does not recompose), the Hydra app and the tests compose `conf/` directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from resnet_lab.errors import ConfigError
+
+PARAMS_FILE = "params.yaml"
+
+
+def conf_dir() -> Path:
+    """The `conf/` directory: `$RESNET_LAB_CONF`, else `./conf`, else the one beside the source tree."""
+    if env := os.environ.get("RESNET_LAB_CONF"):
+        return Path(env).resolve()
+    here = Path.cwd() / "conf"
+    if (here / "config.yaml").is_file():
+        return here.resolve()
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides, outside any Hydra app (tests, notebooks).
+
+    Args:
+        overrides: Hydra override strings, e.g. ``["model=plain34", "trainer.epochs=2"]``.
+
+    Returns:
+        The composed configuration, without Hydra's own `hydra` node.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> DictConfig:
+    """Load the configuration DVC composed into `params.yaml`.
+
+    Raises:
+        ConfigError: the file is missing or is not a mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run from the repository root, or `dvc exp run` to compose it")
+    cfg = OmegaConf.load(path)
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping, got {type(cfg).__name__}")
+    return cfg
