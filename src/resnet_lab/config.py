@@ -61,3 +61,40 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> DictConfig:
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path} must hold a mapping, got {type(cfg).__name__}")
     return cfg
+
+
+def stage_config(argv: Sequence[str] | None = None, *, description: str = "") -> DictConfig:
+    """Parse a DVC stage's command line: ``[--params FILE] [dotted.key=value ...]``.
+
+    Overrides use OmegaConf's dotlist syntax (the same as Hydra's for plain values) and may only replace
+    keys that `params.yaml` has, so a typo fails instead of training the wrong thing.
+
+    Args:
+        argv: the arguments after the program name; `sys.argv[1:]` when None.
+        description: the stage's one-line help.
+
+    Returns:
+        `params.yaml` with the overrides applied.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=PARAMS_FILE, help="composed configuration (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=plain34 seed=1")
+    args = parser.parse_args(argv)
+    cfg = load_params(args.params)
+    for item in args.overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            raise ConfigError(f"override {item!r}: {args.params} has no key {key!r}")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.overrides)))
+
+
+_ABSENT = object()
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """Where a study member's training writes: `<paths.models_dir>/<model.name>-<seed>`."""
+    return Path(cfg.paths.models_dir) / f"{cfg.model.name}-{cfg.seed}"
