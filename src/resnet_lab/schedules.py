@@ -1,0 +1,78 @@
+"""Learning-rate schedules from the `schedule` config group, built on Keras's own schedule classes."""
+
+from __future__ import annotations
+
+import keras
+from omegaconf import DictConfig
+
+from resnet_lab.errors import ConfigError
+
+
+@keras.saving.register_keras_serializable(package="resnet_lab")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Ramp linearly from 0 to the wrapped schedule's value over `warmup_steps`, then follow it.
+
+    Keras's CosineDecay has a warm-up of its own; this gives the step and constant schedules one.
+    """
+
+    def __init__(self, after_warmup, warmup_steps: int):
+        self.after_warmup = after_warmup
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        ramp = (step + 1.0) / float(self.warmup_steps)
+        return keras.ops.where(step < self.warmup_steps, ramp * self.after_warmup(step), self.after_warmup(step))
+
+    def get_config(self):
+        return {
+            "after_warmup": keras.saving.serialize_keras_object(self.after_warmup),
+            "warmup_steps": self.warmup_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["after_warmup"] = keras.saving.deserialize_keras_object(config["after_warmup"])
+        return cls(**config)
+
+
+def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: int, epochs: int):
+    """A Keras learning-rate schedule over the whole run.
+
+    Args:
+        schedule: the `schedule` node: `name` in step | cosine | constant, and `warmup_epochs`.
+            step: multiply by `factor` at each of `milestones` (fractions of training; the paper divides
+            by 10 at 50% and 75%, He et al. 2015, Sec. 4.2). cosine: decay to `alpha` x the initial rate.
+        learning_rate: the peak rate, for the global batch.
+        steps_per_epoch: optimizer steps in one epoch.
+        epochs: epochs in the run.
+
+    Returns:
+        A `keras.optimizers.schedules.LearningRateSchedule`, or a float for an unwarmed constant rate.
+    """
+    total_steps = steps_per_epoch * epochs
+    warmup_steps = int(round(schedule.get("warmup_epochs", 0) * steps_per_epoch))
+    if schedule.name == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup_steps else learning_rate,
+            decay_steps=max(total_steps - warmup_steps, 1),
+            alpha=float(schedule.get("alpha", 0.0)),
+            warmup_target=learning_rate if warmup_steps else None,
+            warmup_steps=warmup_steps,
+        )
+    if schedule.name == "step":
+        milestones = list(schedule.milestones)
+        if any(not 0 < m < 1 for m in milestones) or milestones != sorted(milestones):
+            raise ConfigError(f"schedule.milestones must be increasing fractions in (0, 1), got {milestones}")
+        after = keras.optimizers.schedules.PiecewiseConstantDecay(
+            boundaries=[int(m * total_steps) for m in milestones],
+            values=[learning_rate * schedule.factor**i for i in range(len(milestones) + 1)],
+        )
+    elif schedule.name == "constant":
+        if not warmup_steps:
+            return learning_rate
+        after = keras.optimizers.schedules.PiecewiseConstantDecay([total_steps], [learning_rate, learning_rate])
+    else:
+        raise ConfigError(f"unknown schedule.name {schedule.name!r}; choose one of ['constant', 'cosine', 'step']")
+    return LinearWarmup(after, warmup_steps) if warmup_steps else after
