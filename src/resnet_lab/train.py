@@ -168,7 +168,9 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             )
             smoothing = float(cfg.trainer.label_smoothing)
             model.compile(
-                optimizer=make_optimizer(cfg, train_steps),
+                optimizer=make_optimizer(
+                    cfg, train_steps or spec.num_batches("train", cfg.trainer.batch_size, training=True)
+                ),
                 loss=keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
                 if smoothing
                 else keras.losses.SparseCategoricalCrossentropy(),
@@ -192,7 +194,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             tracker.log_text(_summary_text(model), "model_summary.txt")
             output_dir.mkdir(parents=True, exist_ok=True)
-            epoch_metrics = EpochMetrics(train_steps * cfg.trainer.batch_size)
+            batches_per_epoch = train_steps or spec.num_batches("train", cfg.trainer.batch_size, training=True)
+            epoch_metrics = EpochMetrics(batches_per_epoch * cfg.trainer.batch_size)
             callbacks = [
                 keras.callbacks.TerminateOnNaN(),
                 epoch_metrics,
@@ -245,9 +248,9 @@ def _split(data_lib, spec, split, cfg, steps, *, training):
         )
     dataset = data_lib.make_dataset(split, cfg, training=training)
     if steps:
-        # Fewer steps than the split has: keep one iterator going across epochs.
+        # Keras keeps one iterator across epochs when it is given a step count: it must not run dry.
         return dataset.repeat(), int(steps)
-    return dataset, batches
+    return dataset, None
 
 
 def _summary_text(model) -> str:

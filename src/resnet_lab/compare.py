@@ -1,0 +1,220 @@
+"""The compare stage: the degradation report over every study member (`study.models` x `study.seeds`).
+
+    python -m resnet_lab.compare [--params params.yaml]
+
+It reads each member's run directory (`summary.json`, `history.csv`) and `test.json`, and writes to
+`<paths.reports_dir>/`: `degradation.md` (the verdict first, then the table, the figure and the method),
+`learning_curves.png`, `verdict.json` (flat numbers and booleans for `dvc metrics`), `curves.csv` (long
+learning curves: model, seed, epoch, train_error, val_error) and `curves_by_model.csv` (seed means, one
+column per model and curve, for stock `dvc plots` templates). The files and the verdict's numbers are also
+logged to an MLflow study run (`study-<data.name>`, tag `resnet_lab.kind=study`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from resnet_lab.config import run_dir, stage_config
+from resnet_lab.errors import ConfigError, cli
+from resnet_lab.evaluate import metrics_dir
+from resnet_lab.report import (
+    curves_by_model,
+    curves_frame,
+    member_record,
+    model_table,
+    parse_model_name,
+    plot_learning_curves,
+    render_report,
+    render_table,
+    staged_files,
+    verdict,
+)
+from resnet_lab.tracking import tracking_uri
+
+REPORT_FILE = "degradation.md"
+FIGURE_FILE = "learning_curves.png"
+VERDICT_FILE = "verdict.json"
+CURVES_FILE = "curves.csv"
+CURVES_BY_MODEL_FILE = "curves_by_model.csv"
+STUDY_KIND_TAG = "resnet_lab.kind"
+ARTIFACT_DIR = "report"
+
+
+def _member_config(cfg: DictConfig, model: str, seed: int) -> DictConfig:
+    # `run_dir` and `metrics_dir` name a member's directories from `model.name` and `seed`: reuse, not copy.
+    return OmegaConf.merge(cfg, {"model": {"name": model}, "seed": seed})
+
+
+def load_members(cfg: DictConfig) -> list[dict]:
+    """Read every study member's training summary, learning curves and test metrics.
+
+    Args:
+        cfg: the composed configuration (`study`, `paths`).
+
+    Returns:
+        One dict per member, models outer and seeds inner: `model`, `seed`, `summary` (summary.json),
+        `history` (history.csv as a DataFrame) and `test` (test.json).
+
+    Raises:
+        ConfigError: the study is empty, names an unknown model, or members have not been trained or
+            evaluated; the message names each such member and the stage to run.
+    """
+    models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
+    if not models or not seeds:
+        raise ConfigError(f"the study needs models and seeds; study.models={models}, study.seeds={seeds}")
+    for model in models:
+        try:
+            parse_model_name(model)
+        except ValueError as exc:
+            raise ConfigError(f"study.models: {exc}") from None
+
+    members, incomplete = [], []
+    for model in models:
+        for seed in seeds:
+            member_cfg = _member_config(cfg, model, seed)
+            run_path, test_path = run_dir(member_cfg), metrics_dir(member_cfg) / "test.json"
+            needed = [
+                (run_path / "summary.json", "train"),
+                (run_path / "history.csv", "train"),
+                (test_path, "evaluate"),
+            ]
+            absent = [(path, stage) for path, stage in needed if not path.is_file()]
+            if absent:
+                path, stage = absent[0]
+                incomplete.append(f"{model} seed {seed} ({path} not found: run {stage}@{model}-{seed})")
+                continue
+            members.append(
+                {
+                    "model": model,
+                    "seed": seed,
+                    "summary": json.loads((run_path / "summary.json").read_text()),
+                    "history": pd.read_csv(run_path / "history.csv"),
+                    "test": json.loads(test_path.read_text()),
+                }
+            )
+    if incomplete:
+        raise ConfigError(f"study members not ready: {'; '.join(incomplete)}")
+    return members
+
+
+def _study_metrics(result: dict, table: pd.DataFrame) -> dict[str, float]:
+    metrics = {
+        "degradation_shown": float(result["degradation_shown"]),
+        "prevented": float(result["prevented"]),
+    }
+    for key, value in result.items():
+        if key.endswith(("_difference", "_p_value")) and value is not None:
+            metrics[key] = float(value)
+    for row in table.itertuples(index=False):
+        metrics[f"final_train_error_{row.model}"] = float(row.final_train_error_mean)
+        metrics[f"test_error_{row.model}"] = float(row.test_error_mean)
+    return metrics
+
+
+def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.DataFrame, list[Path]]:
+    """Compute the verdict, table and curves of the study members and write the report files atomically.
+
+    Args:
+        cfg: the composed configuration (`study`, `paths.reports_dir`, `data.name`).
+        members: what `load_members` returned.
+
+    Returns:
+        The verdict (also in `verdict.json`, with the study's dataset, models and seeds), the per-model
+        table (`resnet_lab.report.model_table`) and the paths written.
+    """
+    models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
+    final_train_errors = {model: [] for model in models}
+    for member in members:
+        final_train_errors[member["model"]].append(float(member["summary"]["final"]["error"]))
+    result = verdict(final_train_errors)
+    result["study"] = {"dataset": str(cfg.data.name), "models": models, "seeds": seeds}
+
+    curves = curves_frame({(member["model"], member["seed"]): member["history"] for member in members})
+    table = model_table([member_record(member["summary"], member["test"]) for member in members])
+    reports_dir = Path(cfg.paths.reports_dir)
+    with staged_files(reports_dir) as staging:
+        plot_learning_curves(curves, staging / FIGURE_FILE, title=f"{cfg.data.name}: error per epoch")
+        curves.to_csv(staging / CURVES_FILE, index=False)
+        curves_by_model(curves).to_csv(staging / CURVES_BY_MODEL_FILE, index=False)
+        (staging / VERDICT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        markdown = render_report(
+            result, render_table(table), FIGURE_FILE, dataset=str(cfg.data.name), models=models, seeds=seeds
+        )
+        (staging / REPORT_FILE).write_text(markdown)
+    paths = [
+        reports_dir / name
+        for name in (REPORT_FILE, FIGURE_FILE, VERDICT_FILE, CURVES_FILE, CURVES_BY_MODEL_FILE)
+    ]
+    return result, table, paths
+
+
+def compare(cfg: DictConfig) -> dict:
+    """Write the degradation report for the study and record it as an MLflow study run.
+
+    Args:
+        cfg: the composed configuration (`study`, `paths`, `data.name`, `tracking`).
+
+    Returns:
+        The verdict (see `resnet_lab.report.verdict`) with the study run's id under `mlflow_run_id`.
+
+    Raises:
+        ConfigError: a study member is missing (see `load_members`).
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    members = load_members(cfg)
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    experiment_name = str(cfg.tracking.experiment_name)
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    run = client.create_run(
+        experiment_id,
+        run_name=f"study-{cfg.data.name}",
+        tags={STUDY_KIND_TAG: "study", "resnet_lab.dataset": str(cfg.data.name)},
+    )
+    run_id = run.info.run_id
+    try:
+        result, table, paths = write_report(cfg, members)
+        study_metrics = _study_metrics(result, table)
+        timestamp = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(key, value, timestamp, 0) for key, value in study_metrics.items()],
+            params=[
+                Param("study.models", ",".join(result["study"]["models"])),
+                Param("study.seeds", ",".join(str(seed) for seed in result["study"]["seeds"])),
+                Param("data.name", str(cfg.data.name)),
+            ],
+            tags=[RunTag("resnet_lab.answer", result["answer"])]
+            + [
+                RunTag(f"resnet_lab.member.{m['model']}-{m['seed']}", str(m["summary"]["mlflow_run_id"]))
+                for m in members
+                if m["summary"].get("mlflow_run_id")
+            ],
+        )
+        for path in paths:
+            client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
+    return result | {"mlflow_run_id": run_id}
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m resnet_lab.compare [--params params.yaml]``."""
+    cfg = stage_config(argv, description="Write the degradation report over every study member.")
+    result = compare(cfg)
+    print(f"{result['text']}\nreport: {Path(cfg.paths.reports_dir) / REPORT_FILE}")
+
+
+if __name__ == "__main__":
+    main()

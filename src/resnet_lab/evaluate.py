@@ -1,0 +1,244 @@
+"""The evaluate stage: a trained study member's test loss, accuracy, per-class accuracy and confusion matrix.
+
+    python -m resnet_lab.evaluate [--params params.yaml] [model.name=plain34 seed=0]
+
+It reads `<paths.models_dir>/<model>-<seed>/model.keras` and writes `<paths.metrics_dir>/<model>-<seed>/`:
+`test.json` (flat numbers for `dvc metrics`), `confusion.json` (one {"actual", "predicted"} record per test
+image, the form of DVC's `confusion` plot template) and `confusion.png`. The numbers and files also go
+into the member's MLflow training run, so that one run holds the member's whole story.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from resnet_lab.config import run_dir, stage_config
+from resnet_lab.errors import ConfigError, cli
+from resnet_lab.report import plot_confusion_matrix, staged_files
+from resnet_lab.tracking import tracking_uri
+
+log = logging.getLogger(__name__)
+
+TEST_METRICS = ("test_loss", "test_accuracy", "test_error")
+ARTIFACT_DIR = "evaluation"
+
+
+def _outputs_probabilities(model) -> bool:
+    """Whether the model ends in a softmax (resnet_lab.models does) rather than emitting logits."""
+    import keras
+
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return True
+    activation = getattr(last, "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
+
+
+def _sparse_labels(labels, num_classes: int) -> np.ndarray:
+    labels = np.asarray(labels)
+    # One-hot labels, e.g. from a pipeline that smooths them.
+    if labels.ndim == 2 and labels.shape[-1] == num_classes:
+        return labels.argmax(axis=-1)
+    return labels.reshape(-1).astype(np.int64)
+
+
+def evaluate_model(
+    model, dataset: Iterable, class_names: Sequence[str], *, from_logits: bool | None = None
+) -> dict:
+    """Test metrics of a classifier over a batched dataset, in one pass with Keras's progress bar.
+
+    Args:
+        model: a Keras classifier whose outputs have one column per class.
+        dataset: batches of (images, labels), labels as class indices (or one-hot); e.g. a `tf.data.Dataset`.
+        class_names: the name of each class, in label order.
+        from_logits: whether the outputs are logits; None reads it off the model's last layer (a softmax
+            means probabilities).
+
+    Returns:
+        `test_loss` (mean sparse categorical cross-entropy), `test_accuracy`, `test_error` (1 - accuracy),
+        `examples`, `per_class_accuracy` (class name -> accuracy, None for a class with no examples),
+        `confusion_matrix` (counts, `[actual][predicted]`) and `class_names`.
+
+    Raises:
+        ValueError: the outputs' width does not match `class_names`, a label is out of range, or the
+            dataset is empty.
+    """
+    import keras
+
+    class_names = [str(name) for name in class_names]
+    num_classes = len(class_names)
+    if from_logits is None:
+        from_logits = not _outputs_probabilities(model)
+    cardinality = int(dataset.cardinality()) if hasattr(dataset, "cardinality") else -1
+    progress = keras.utils.Progbar(cardinality if cardinality >= 0 else None, unit_name="batch")
+
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    loss_sum = 0.0
+    for step, batch in enumerate(dataset):
+        images, labels = batch[0], batch[1]
+        outputs = np.asarray(model.predict_on_batch(images), dtype=np.float64)
+        if outputs.ndim != 2 or outputs.shape[-1] != num_classes:
+            raise ValueError(
+                f"model outputs shape {outputs.shape}, but there are {num_classes} classes: {class_names}"
+            )
+        labels = _sparse_labels(labels, num_classes)
+        out_of_range = labels[(labels < 0) | (labels >= num_classes)]
+        if out_of_range.size:
+            raise ValueError(f"label {int(out_of_range[0])} is not a class index in [0, {num_classes})")
+        rows = np.arange(labels.size)
+        if from_logits:
+            shifted = outputs - outputs.max(axis=-1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+            batch_losses = -log_probs[rows, labels]
+        else:
+            # Keras's cross-entropy on probabilities: renormalise, then clip away log(0).
+            probs = outputs / outputs.sum(axis=-1, keepdims=True)
+            epsilon = keras.config.epsilon()
+            batch_losses = -np.log(np.clip(probs[rows, labels], epsilon, 1.0 - epsilon))
+        predictions = outputs.argmax(axis=-1)
+        np.add.at(confusion, (labels, predictions), 1)
+        loss_sum += float(batch_losses.sum())
+        batch_accuracy = float((predictions == labels).mean())
+        progress.update(step + 1, values=[("loss", float(batch_losses.mean())), ("accuracy", batch_accuracy)])
+
+    examples = int(confusion.sum())
+    if examples == 0:
+        raise ValueError("the dataset yielded no examples")
+    accuracy = float(np.trace(confusion)) / examples
+    per_class_total = confusion.sum(axis=1)
+    per_class_accuracy = {
+        name: (float(confusion[index, index] / per_class_total[index]) if per_class_total[index] else None)
+        for index, name in enumerate(class_names)
+    }
+    return {
+        "test_loss": loss_sum / examples,
+        "test_accuracy": accuracy,
+        "test_error": 1.0 - accuracy,
+        "examples": examples,
+        "per_class_accuracy": per_class_accuracy,
+        "confusion_matrix": confusion.tolist(),
+        "class_names": class_names,
+    }
+
+
+def confusion_records(confusion_matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> list[dict]:
+    """Expand a confusion matrix into one {"actual": name, "predicted": name} record per example.
+
+    DVC's `confusion` template counts the records itself (`dvc.yaml`: `template: confusion, x: actual,
+    y: predicted`).
+    """
+    return [
+        {"actual": str(class_names[actual]), "predicted": str(class_names[predicted])}
+        for actual, row in enumerate(confusion_matrix)
+        for predicted, count in enumerate(row)
+        for _ in range(int(count))
+    ]
+
+
+def metrics_dir(cfg: DictConfig) -> Path:
+    """Where a study member's evaluation writes: `<paths.metrics_dir>/<model.name>-<seed>`."""
+    return Path(cfg.paths.metrics_dir) / f"{cfg.model.name}-{cfg.seed}"
+
+
+def _log_to_training_run(
+    cfg: DictConfig, run_id: str, test_metrics: dict, files: Sequence[Path], *, step: int
+) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        raise ConfigError(
+            f"MLflow run {run_id!r} of {cfg.model.name} seed {cfg.seed} is not in the store {uri}: {exc}"
+        ) from exc
+    timestamp = int(time.time() * 1000)
+    client.log_batch(
+        run_id, metrics=[Metric(key, float(test_metrics[key]), timestamp, step) for key in TEST_METRICS]
+    )
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate the study member `cfg.model.name`, `cfg.seed` on the test split, and record the result.
+
+    Args:
+        cfg: the composed configuration (`paths`, `data`, `model.name`, `seed`, `tracking`).
+
+    Returns:
+        What `test.json` holds: `test_loss`, `test_accuracy`, `test_error`, `examples` and
+        `per_class_accuracy`.
+
+    Raises:
+        ConfigError: the member was not trained (no run directory, model or summary), was trained on
+            another dataset, or its MLflow run is not in the store.
+    """
+    member = f"{cfg.model.name}-{cfg.seed}"
+    run_path = run_dir(cfg)
+    model_path, summary_path = run_path / "model.keras", run_path / "summary.json"
+    for path in (model_path, summary_path):
+        if not path.is_file():
+            raise ConfigError(
+                f"{path} not found: train {cfg.model.name} seed {cfg.seed} first "
+                f"(the train stage, `dvc repro train@{member}`)"
+            )
+    summary = json.loads(summary_path.read_text())
+    trained_on = summary.get("dataset")
+    if trained_on and trained_on != cfg.data.name:
+        raise ConfigError(f"{run_path} was trained on {trained_on!r}, but data.name is {cfg.data.name!r}")
+
+    import keras
+
+    import resnet_lab.models  # noqa: F401  registers the custom layers a saved model refers to
+    from resnet_lab.data import dataset_info, make_dataset
+
+    model = keras.saving.load_model(model_path, compile=False)
+    class_names = [str(name) for name in dataset_info(cfg)["class_names"]]
+    results = evaluate_model(model, make_dataset("test", cfg, training=False), class_names)
+
+    test_metrics = {key: results[key] for key in (*TEST_METRICS, "examples", "per_class_accuracy")}
+    out_dir = metrics_dir(cfg)
+    with staged_files(out_dir) as staging:
+        (staging / "test.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
+        records = confusion_records(results["confusion_matrix"], class_names)
+        (staging / "confusion.json").write_text(json.dumps(records) + "\n")
+        plot_confusion_matrix(
+            results["confusion_matrix"],
+            class_names,
+            staging / "confusion.png",
+            title=f"{member} on {cfg.data.name} test: {100 * results['test_error']:.2f}% error",
+        )
+    files = [out_dir / name for name in ("test.json", "confusion.json", "confusion.png")]
+
+    run_id = summary.get("mlflow_run_id")
+    if run_id:
+        _log_to_training_run(cfg, run_id, test_metrics, files, step=int(summary.get("epochs", 0)))
+    else:
+        log.warning("%s has no mlflow_run_id: the test metrics are not logged to MLflow", summary_path)
+    return test_metrics
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: ``python -m resnet_lab.evaluate [--params params.yaml] [model.name=X seed=N]``."""
+    cfg = stage_config(argv, description="Evaluate a trained study member on the test split.")
+    test_metrics = evaluate(cfg)
+    print(
+        f"{cfg.model.name}-{cfg.seed}: test error {100 * test_metrics['test_error']:.2f}%, "
+        f"loss {test_metrics['test_loss']:.4f} over {test_metrics['examples']} images -> {metrics_dir(cfg)}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""The DVC `prepare` stage: build a TFDS dataset, hold out a validation split, and describe both.
+
+`python -m resnet_lab.prepare [--params params.yaml] [key=value ...]` builds `data.name` into
+`paths.data_dir` with TFDS's own `download_and_prepare`, splits TFDS's `train` split into train and
+validation (stratified by label, drawn with `seed`), and writes `paths.prepared_dir`:
+
+- `train_indices.npy`, `validation_indices.npy`: sorted int64 example indices into TFDS's `train` split
+  (see `resnet_lab.data` for what an index means), never copies of the images.
+- `dataset.json`:
+    - `format_version`: 1.
+    - `name`, `version`: the TFDS dataset (as `data.name` gives it) and the version prepared.
+    - `class_names`: one per label value; `image_shape`: the stored [H, W, C], null where sizes vary.
+    - `seed`, `validation_fraction`: what drew the split.
+    - `tfds_splits`: examples in each TFDS split read (the range of the indices).
+    - `splits`: for "train", "validation" and "test": `source` (the TFDS split read), `indices` (the
+      index file, or null for the whole source split), `indices_sha256` (of the file's bytes),
+      `num_examples` and `class_counts` (class name -> examples).
+    - `normalization`: per-channel `mean` and `std` of the train split's pixels, scaled to [0, 1], at the
+      stored resolution.
+
+The test split is TFDS's `test`, else its `validation` (imagenette), else a stratified
+`data.validation_fraction` of `train` held out before the validation split (tf_flowers; then
+`test_indices.npy` too). The directory is built beside `prepared_dir` and renamed into place, so a
+failure leaves the previous one, or none, never a partial one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from omegaconf import DictConfig
+from tensorflow_datasets.core.download import resource as tfds_resource
+from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
+
+import resnet_lab.datasets  # noqa: F401  registers the package's TFDS builders (digits)
+from resnet_lab.config import stage_config
+from resnet_lab.data import DESCRIPTION_FILE, FORMAT_VERSION, image_size, read_split
+from resnet_lab.errors import ConfigError, DataError, cli
+
+OFFLINE_DATASET = "digits"
+# TFDS retries an unreachable host for minutes (10 retries with backoff); one probe per host answers in
+# seconds whether the download can start at all.
+PROBE_TIMEOUT_S = 5.0
+SCAN_BATCH = 1024
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Build `data.name` with TFDS, split its train split, and write `paths.prepared_dir`.
+
+    Args:
+        cfg: the composed configuration (`data`, `paths`, `seed`).
+
+    Returns:
+        The description written to `dataset.json` (see the module docstring).
+
+    Raises:
+        ConfigError: an unknown dataset, one without image and label features, or a bad
+            `data.validation_fraction`, `data.image_size` or `seed`; checked before any work.
+        DataError: the download failed, or the data cannot be split.
+    """
+    name = cfg.data.name
+    fraction = _validation_fraction(cfg)
+    image_size(cfg)
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    _check_known(name)
+    data_dir = Path(cfg.paths.data_dir)
+    manual_dir = Path(cfg.data.manual_dir) if cfg.data.manual_dir else data_dir / "downloads" / "manual"
+    builder = tfds.builder(name, data_dir=data_dir)
+    _check_features(builder)
+
+    _download_and_prepare(builder, data_dir=data_dir, manual_dir=manual_dir)
+
+    labels, pixel_sums, pixel_square_sums, pixel_counts = _scan(builder, "train")
+    test_source = next((split for split in ("test", "validation") if split in builder.info.splits), None)
+    all_train = np.arange(len(labels))
+    if test_source is None:
+        all_train, test_indices = _stratified_split(all_train, labels, fraction, seed, what="test")
+    train_indices, validation_indices = _stratified_split(
+        all_train, labels[all_train], fraction, seed, what="validation"
+    )
+
+    mean = pixel_sums[train_indices].sum(axis=0) / pixel_counts[train_indices].sum()
+    variance = pixel_square_sums[train_indices].sum(axis=0) / pixel_counts[train_indices].sum() - mean**2
+    std = np.sqrt(np.maximum(variance, 0.0))
+    if not np.all(std > 0):
+        raise DataError(f"{name}: a channel of the train images is constant (std {std.tolist()})")
+
+    class_names = list(builder.info.features["label"].names)
+    index_files = {"train": train_indices, "validation": validation_indices}
+    if test_source is None:
+        index_files["test"] = test_indices
+    files = {f"{split}_indices.npy": _npy_bytes(indices) for split, indices in index_files.items()}
+    tfds_splits = {"train": len(labels)}
+    splits = {}
+    for split, indices in index_files.items():
+        file = f"{split}_indices.npy"
+        splits[split] = {
+            "source": "train",
+            "indices": file,
+            "indices_sha256": hashlib.sha256(files[file]).hexdigest(),
+            **_counts(labels[indices], class_names),
+        }
+    if test_source is not None:
+        test_labels = _labels(builder, test_source)
+        tfds_splits[test_source] = len(test_labels)
+        splits["test"] = {"source": test_source, "indices": None, "indices_sha256": None}
+        splits["test"].update(_counts(test_labels, class_names))
+
+    description = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": str(builder.version),
+        "class_names": class_names,
+        "image_shape": list(builder.info.features["image"].shape),
+        "seed": seed,
+        "validation_fraction": fraction,
+        "tfds_splits": tfds_splits,
+        "splits": splits,
+        "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+    }
+    files[DESCRIPTION_FILE] = (json.dumps(description, indent=2) + "\n").encode()
+    _publish(Path(cfg.paths.prepared_dir), files)
+    return description
+
+
+def _validation_fraction(cfg: DictConfig) -> float:
+    fraction = cfg.data.validation_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+        raise ConfigError(f"data.validation_fraction must be a number in (0, 1), got {fraction!r}")
+    return float(fraction)
+
+
+def _check_known(name: str) -> None:
+    known = tfds.list_builders(with_community_datasets=False)
+    # TFDS accepts "name/config:version"; the catalog lists bare names.
+    base = name.split(":")[0].split("/")[0]
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; tfds.list_builders() lists the choices"
+        raise ConfigError(f"unknown dataset data.name={name!r}{hint}")
+
+
+def _check_features(builder: tfds.core.DatasetBuilder) -> None:
+    features = builder.info.features
+    has_image = "image" in features and isinstance(features["image"], tfds.features.Image)
+    has_label = "label" in features and isinstance(features["label"], tfds.features.ClassLabel)
+    if not (has_image and has_label):
+        raise ConfigError(
+            f"dataset {builder.name!r} needs an 'image' (Image) and a 'label' (ClassLabel) feature, "
+            f"it has {sorted(features.keys())}"
+        )
+
+
+def _download_and_prepare(builder: tfds.core.DatasetBuilder, *, data_dir: Path, manual_dir: Path) -> None:
+    """TFDS's own download_and_prepare, failing in seconds, on one line, when the download cannot work."""
+    download_dir = data_dir / "downloads"
+    if not builder.is_prepared():
+        pending = _pending_downloads(builder, download_dir=download_dir, manual_dir=manual_dir)
+        failures = _probe({urlparse(url).hostname: url for url in pending})
+        if failures:
+            reasons = ", ".join(f"{host} unreachable ({why})" for host, why in failures.items())
+            raise DataError(_download_failed(builder, pending, manual_dir, reasons))
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    try:
+        builder.download_and_prepare(download_dir=download_dir, download_config=config)
+    # requests is what TFDS downloads with (and why HTTP(S)_PROXY applies to the probe and TFDS alike).
+    except (tfds.download.DownloadError, NonMatchingChecksumError, requests.RequestException) as exc:
+        pending = _pending_downloads(builder, download_dir=download_dir, manual_dir=manual_dir)
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise DataError(_download_failed(builder, pending, manual_dir, reason)) from exc
+
+
+def _pending_downloads(builder: tfds.core.DatasetBuilder, *, download_dir: Path, manual_dir: Path) -> dict:
+    """The builder's registered downloads that are neither in `manual_dir` nor in TFDS's download cache.
+
+    Returns:
+        url -> the file name TFDS expects in `manual_dir`.
+    """
+    pending = {}
+    for url, url_info in (builder.url_infos or {}).items():
+        if url_info.filename and (manual_dir / url_info.filename).exists():
+            continue
+        if (download_dir / tfds_resource.get_dl_fname(url, url_info.checksum)).exists():
+            continue
+        pending[url] = url_info.filename or os.path.basename(urlparse(url).path)
+    return pending
+
+
+def _probe(url_per_host: dict[str, str]) -> dict[str, str]:
+    """Ask each host for one URL with a short timeout; any HTTP answer means it is reachable.
+
+    Returns:
+        host -> why it is unreachable, for the hosts that are.
+    """
+    failures: dict[str, str] = {}
+
+    def ask(host: str, url: str) -> None:
+        if urlparse(url).scheme not in ("http", "https"):
+            return
+        try:
+            requests.head(url, timeout=PROBE_TIMEOUT_S, allow_redirects=False)
+        except requests.RequestException as exc:
+            # requests wraps urllib3's error, whose class says more (NameResolutionError, ProxyError).
+            cause = getattr(exc.args[0], "reason", None) if exc.args else None
+            failures[host] = type(cause if isinstance(cause, Exception) else exc).__name__
+
+    # Daemon threads: a DNS lookup ignores the timeout, and must not keep the process alive.
+    threads = {
+        host: threading.Thread(target=ask, args=(host, url), daemon=True)
+        for host, url in url_per_host.items()
+    }
+    for thread in threads.values():
+        thread.start()
+    deadline = time.monotonic() + PROBE_TIMEOUT_S + 1
+    for host, thread in threads.items():
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            failures.setdefault(host, f"no answer within {PROBE_TIMEOUT_S:g} s")
+    return dict(failures)
+
+
+def _download_failed(builder: tfds.core.DatasetBuilder, pending: dict, manual_dir: Path, reason: str) -> str:
+    wanted = f" ({', '.join(sorted(set(pending.values())))})" if pending else ""
+    return (
+        f"download of {builder.name} failed: {reason}; TFDS looks for pre-downloaded files{wanted} in "
+        f"{manual_dir} (data.manual_dir sets another folder); data={OFFLINE_DATASET} runs offline"
+    )
+
+
+def _scan(builder: tfds.core.DatasetBuilder, split: str):
+    """One pass over a TFDS split: labels and each example's per-channel pixel sums, in index order.
+
+    Returns:
+        labels (n,), pixel sums (n, C), sums of squared pixels (n, C), pixels per channel (n,); pixels are
+        scaled to [0, 1].
+    """
+
+    def summarise(example):
+        image = tf.image.convert_image_dtype(example["image"], tf.float64)
+        return (
+            example["label"],
+            tf.reduce_sum(image, axis=(0, 1)),
+            tf.reduce_sum(tf.square(image), axis=(0, 1)),
+            tf.cast(tf.shape(image)[0] * tf.shape(image)[1], tf.float64),
+        )
+
+    summaries = read_split(builder, split).map(summarise, num_parallel_calls=tf.data.AUTOTUNE)
+    batches = list(summaries.batch(SCAN_BATCH).prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
+    if not batches:
+        raise DataError(f"TFDS split {builder.name}/{split} is empty")
+    return tuple(np.concatenate(parts) for parts in zip(*batches, strict=True))
+
+
+def _labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+    only_labels = tfds.decode.PartialDecoding({"label": True})
+    labels = read_split(builder, split, decoders=only_labels).map(lambda example: example["label"])
+    batches = list(labels.batch(SCAN_BATCH).as_numpy_iterator())
+    return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+
+
+def _counts(labels: np.ndarray, class_names: list[str]) -> dict:
+    per_class = np.bincount(labels, minlength=len(class_names)).tolist()
+    return {"num_examples": int(len(labels)), "class_counts": dict(zip(class_names, per_class, strict=True))}
+
+
+def _stratified_split(
+    indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int, *, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out `fraction` of `indices`, stratified by `labels`; both parts sorted."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as exc:
+        raise DataError(
+            f"cannot hold out a stratified {what} split of {fraction:g} from {len(indices)} examples: {exc}"
+        ) from exc
+    return np.sort(kept).astype(np.int64), np.sort(held_out).astype(np.int64)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _publish(prepared_dir: Path, files: dict[str, bytes]) -> None:
+    """Write `files` into a new directory beside `prepared_dir`, then swap it in.
+
+    The previous directory is moved aside before the rename and removed only after it, so a failure at
+    any point leaves either the old directory or the new one, complete.
+    """
+    parent = prepared_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = parent / f".{prepared_dir.name}.new-{token}"
+    stale = parent / f".{prepared_dir.name}.old-{token}"
+    staging.mkdir()
+    try:
+        for name, content in files.items():
+            (staging / name).write_bytes(content)
+        had_previous = prepared_dir.exists()
+        if had_previous:
+            prepared_dir.rename(stale)
+        try:
+            staging.rename(prepared_dir)
+        except OSError:
+            if had_previous:
+                stale.rename(prepared_dir)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if had_previous:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m resnet_lab.prepare [--params params.yaml] [key=value ...]`: the DVC `prepare` stage.
+
+    Args:
+        argv: the arguments after the program name; `sys.argv[1:]` when None.
+    """
+    cfg = stage_config(argv, description="Build the TFDS dataset and its train/validation split.")
+    description = prepare(cfg)
+    counts = ", ".join(f"{split} {entry['num_examples']}" for split, entry in description["splits"].items())
+    print(f"prepared {description['name']} {description['version']} in {cfg.paths.prepared_dir}: {counts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The evaluate stage: metrics of a tiny model whose predictions are known, and the stage end to end on
+the digits dataset prepared into a temporary directory, logging into the member's MLflow training run (a
+real SQLite store in `tmp_path`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from resnet_lab.config import compose
+from resnet_lab.errors import ConfigError
+from resnet_lab.evaluate import confusion_records, evaluate, evaluate_model, main
+
+CLASS_NAMES = ["zero", "one", "two"]
+# Each input is the one-hot of the class the model predicts; the labels disagree twice.
+INPUT_CLASSES = [0, 1, 2, 0, 1, 2]
+LABELS = [0, 1, 2, 1, 1, 0]
+LOGIT_SCALE = 5.0
+
+
+def _model(*, softmax: bool = True) -> keras.Model:
+    """Logits `LOGIT_SCALE * x`: the predicted class is the input's hot index, with a known confidence."""
+    inputs = keras.Input((3,))
+    dense = keras.layers.Dense(
+        3, use_bias=False, activation="softmax" if softmax else None, name="predictions"
+    )
+    model = keras.Model(inputs, dense(inputs))
+    dense.set_weights([LOGIT_SCALE * np.eye(3, dtype="float32")])
+    return model
+
+
+def _dataset(*, one_hot: bool = False, batch_size: int = 4) -> tf.data.Dataset:
+    images = np.eye(3, dtype="float32")[INPUT_CLASSES]
+    labels = np.eye(3, dtype="float32")[LABELS] if one_hot else np.asarray(LABELS, dtype="int64")
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
+
+
+def _expected_loss() -> float:
+    right = math.exp(LOGIT_SCALE) / (math.exp(LOGIT_SCALE) + 2)
+    wrong = 1 / (math.exp(LOGIT_SCALE) + 2)
+    return -(4 * math.log(right) + 2 * math.log(wrong)) / 6
+
+
+def test_evaluate_model_known_answers():
+    results = evaluate_model(_model(), _dataset(), CLASS_NAMES)
+
+    assert results["examples"] == 6
+    assert results["test_accuracy"] == pytest.approx(4 / 6)
+    assert results["test_error"] == pytest.approx(2 / 6)
+    assert results["test_loss"] == pytest.approx(_expected_loss(), rel=1e-5)
+    assert results["per_class_accuracy"] == pytest.approx({"zero": 0.5, "one": 2 / 3, "two": 1.0})
+    assert results["confusion_matrix"] == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]
+    json.dumps(results)
+
+
+def test_evaluate_model_loss_matches_keras():
+    model = _model()
+    images, labels = next(iter(_dataset(batch_size=6)))
+    keras_loss = float(keras.ops.mean(keras.losses.sparse_categorical_crossentropy(labels, model(images))))
+
+    assert evaluate_model(model, _dataset(), CLASS_NAMES)["test_loss"] == pytest.approx(keras_loss, rel=1e-5)
+
+
+def test_evaluate_model_reads_logits_and_one_hot_labels():
+    from_logits = evaluate_model(_model(softmax=False), _dataset(one_hot=True), CLASS_NAMES)
+
+    assert from_logits["test_loss"] == pytest.approx(_expected_loss(), rel=1e-5)
+    assert from_logits["confusion_matrix"] == [[1, 0, 1], [1, 2, 0], [0, 0, 1]]
+
+
+def test_evaluate_model_class_without_examples_and_bad_input():
+    images = np.eye(3, dtype="float32")[[0, 1]]
+    dataset = tf.data.Dataset.from_tensor_slices((images, np.asarray([0, 1]))).batch(2)
+    assert evaluate_model(_model(), dataset, CLASS_NAMES)["per_class_accuracy"]["two"] is None
+
+    with pytest.raises(ValueError, match="there are 2 classes"):
+        evaluate_model(_model(), _dataset(), ["zero", "one"])
+    bad_labels = tf.data.Dataset.from_tensor_slices((images, np.asarray([0, 7]))).batch(2)
+    with pytest.raises(ValueError, match="label 7 is not a class index"):
+        evaluate_model(_model(), bad_labels, CLASS_NAMES)
+    with pytest.raises(ValueError, match="no examples"):
+        evaluate_model(_model(), _dataset().take(0), CLASS_NAMES)
+
+
+def test_confusion_records_one_per_example():
+    records = confusion_records([[1, 0, 1], [1, 2, 0], [0, 0, 1]], CLASS_NAMES)
+
+    assert len(records) == 6
+    assert records.count({"actual": "one", "predicted": "one"}) == 2
+    assert {"actual": "zero", "predicted": "two"} in records
+
+
+DIGITS_OVERRIDES = ["data=digits", "data.image_size=16", "trainer.batch_size=128"]
+
+
+@pytest.fixture(scope="module")
+def digits_dirs(tmp_path_factory):
+    """The digits dataset prepared once for this module, and a saved untrained resnet8 for its images.
+
+    resnet8 (CIFAR layout, option A shortcuts) also checks that the stage can load `ZeroPadShortcut`.
+    """
+    from resnet_lab.models import build_model
+    from resnet_lab.prepare import prepare
+
+    root = tmp_path_factory.mktemp("digits")
+    data_overrides = [f"paths.data_dir={root}/tfds", f"paths.prepared_dir={root}/prepared"]
+    prepare(compose(DIGITS_OVERRIDES + data_overrides))
+    keras.utils.set_random_seed(0)
+    model_path = root / "model.keras"
+    build_model("resnet8", 10, (16, 16, 1)).save(model_path)
+    return data_overrides, model_path
+
+
+@pytest.fixture
+def member_cfg(tmp_path, monkeypatch, digits_dirs):
+    """A trained member `resnet8-0` on digits: its saved model, its summary, and its MLflow training run."""
+    data_overrides, model_path = digits_dirs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = compose(
+        DIGITS_OVERRIDES
+        + data_overrides
+        + [
+            "model=resnet8",
+            "seed=0",
+            f"paths.models_dir={tmp_path}/models",
+            f"paths.metrics_dir={tmp_path}/metrics",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        ]
+    )
+    # MLflow puts a new experiment's artifacts under ./mlruns.
+    monkeypatch.chdir(tmp_path)
+    run_path = tmp_path / "models" / "resnet8-0"
+    run_path.mkdir(parents=True)
+    shutil.copy(model_path, run_path / "model.keras")
+    client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
+    run = client.create_run(client.create_experiment("training"), run_name="resnet8-0")
+    client.set_terminated(run.info.run_id)
+    summary = {
+        "model": "resnet8",
+        "seed": 0,
+        "epochs": 3,
+        "mlflow_run_id": run.info.run_id,
+        "dataset": "digits",
+    }
+    (run_path / "summary.json").write_text(json.dumps(summary))
+    return cfg
+
+
+def test_evaluate_stage_end_to_end_on_digits(member_cfg, tmp_path):
+    from resnet_lab.data import make_dataset
+
+    returned = evaluate(member_cfg)
+
+    out_dir = tmp_path / "metrics" / "resnet8-0"
+    assert sorted(path.name for path in out_dir.iterdir()) == ["confusion.json", "confusion.png", "test.json"]
+    test_metrics = json.loads((out_dir / "test.json").read_text())
+    assert test_metrics == returned
+    assert test_metrics["examples"] == 360
+    assert set(test_metrics["per_class_accuracy"]) == {str(digit) for digit in range(10)}
+    assert all(isinstance(test_metrics[key], float) for key in ("test_loss", "test_accuracy", "test_error"))
+    assert test_metrics["test_error"] == pytest.approx(1 - test_metrics["test_accuracy"])
+    # The same numbers as Keras's own evaluation of the saved model on the same split.
+    model = keras.saving.load_model(tmp_path / "models" / "resnet8-0" / "model.keras", compile=False)
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    keras_loss, keras_accuracy = model.evaluate(make_dataset("test", member_cfg, training=False), verbose=0)
+    assert test_metrics["test_loss"] == pytest.approx(keras_loss, rel=1e-4)
+    assert test_metrics["test_accuracy"] == pytest.approx(keras_accuracy, abs=1e-6)
+
+    records = json.loads((out_dir / "confusion.json").read_text())
+    assert len(records) == 360 and set(records[0]) == {"actual", "predicted"}
+    assert sum(record["actual"] == record["predicted"] for record in records) == round(360 * keras_accuracy)
+    assert (out_dir / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [path for path in (tmp_path / "metrics").iterdir() if path.name.endswith(".tmp")]
+
+    client = MlflowClient(tracking_uri=str(member_cfg.tracking.uri))
+    run_id = json.loads((tmp_path / "models" / "resnet8-0" / "summary.json").read_text())["mlflow_run_id"]
+    run = client.get_run(run_id)
+    assert run.data.metrics["test_error"] == pytest.approx(test_metrics["test_error"])
+    assert [metric.step for metric in client.get_metric_history(run_id, "test_loss")] == [3]
+    artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "evaluation")}
+    assert artifacts == {"evaluation/test.json", "evaluation/confusion.json", "evaluation/confusion.png"}
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_evaluate_stage_without_a_trained_model(member_cfg, tmp_path):
+    cfg = OmegaConf.merge(member_cfg, {"seed": 1})
+    with pytest.raises(
+        ConfigError, match=r"models/resnet8-1/model.keras not found: train resnet8 seed 1 first"
+    ):
+        evaluate(cfg)
+
+
+def test_evaluate_stage_refuses_another_dataset(member_cfg):
+    with pytest.raises(ConfigError, match="trained on 'digits', but data.name is 'cifar10'"):
+        evaluate(OmegaConf.merge(member_cfg, {"data": {"name": "cifar10"}}))
+
+
+def test_evaluate_command_line(member_cfg, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(member_cfg, params)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--params", str(params), "seed=5"])
+    assert exit_info.value.code == 2
+    assert "error: " in capsys.readouterr().err
+
+    main(["--params", str(params), "model.name=resnet8", "seed=0"])
+    assert "resnet8-0: test error " in capsys.readouterr().out
