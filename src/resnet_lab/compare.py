@@ -35,7 +35,7 @@ from resnet_lab.report import (
     staged_files,
     verdict,
 )
-from resnet_lab.tracking import tracking_uri
+from resnet_lab.tracking import experiment_id, tracking_uri
 
 REPORT_FILE = "degradation.md"
 FIGURE_FILE = "learning_curves.png"
@@ -170,12 +170,11 @@ def compare(cfg: DictConfig) -> dict:
     from mlflow.entities import Metric, Param, RunTag
 
     members = load_members(cfg)
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
-    experiment_name = str(cfg.tracking.experiment_name)
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    uri = tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = experiment_id(client, str(cfg.tracking.experiment_name), uri)
     run = client.create_run(
-        experiment_id,
+        experiment,
         run_name=f"study-{cfg.data.name}",
         tags={STUDY_KIND_TAG: "study", "resnet_lab.dataset": str(cfg.data.name)},
     )

@@ -230,6 +230,8 @@ def make_dataset(split: str, cfg: DictConfig, training: bool) -> tf.data.Dataset
         keep = tf.constant(keep)
         examples = examples.enumerate().filter(lambda index, example: keep[index])
         examples = examples.map(lambda index, example: example)
+        # A filter hides the size; Keras needs it to end an epoch without running the iterator dry.
+        examples = examples.apply(tf.data.experimental.assert_cardinality(entry["num_examples"]))
 
     def decode_and_resize(example):
         image = tf.image.convert_image_dtype(image_feature.decode_example(example["image"]), tf.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -40,6 +41,42 @@ def tracking_uri(cfg: DictConfig) -> str:
     if cfg.tracking.get("uri"):
         return str(cfg.tracking.uri)
     return f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str):
+    """Point MLflow's fluent API at `uri` for a while, then put back exactly what was there.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI, which would outlive the call and send
+    later runs of this process (the next job of a sweep) to this store whatever their configuration says.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = tracking_utils._tracking_uri  # None unless someone called set_tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if previous_env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created if need be.
+
+    With a SQLite store its artifacts go to `mlruns/` beside the database, by absolute path, so runs
+    from any working directory (DVC's temporary copies, pytest's) keep their artifacts together.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 PARENT_RUN_ENV = "RESNET_LAB_PARENT_RUN_ID"
@@ -158,11 +195,6 @@ class RunTracker:
         check_reachable(uri)
         return cls(cfg, uri, output_dir, run_name=f"{cfg.model.name}-seed{cfg.seed}")
 
-    def _experiment_id(self) -> str:
-        name = self.cfg.tracking.experiment_name
-        experiment = self.client.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else self.client.create_experiment(name)
-
     def start(self, tags: dict[str, str], extra_params: dict | None = None) -> str:
         """Create the run, or continue the one recorded in the output directory."""
         id_file = self.output_dir / RUN_ID_FILE
@@ -173,7 +205,7 @@ class RunTracker:
             self.client.set_tag(previous, "resnet_lab.resumed", "true")
             return previous
         run = self.client.create_run(
-            self._experiment_id(), run_name=self.run_name, tags={**context_tags(), **tags}
+            experiment_id(self.client, self.cfg.tracking.experiment_name, self.uri), run_name=self.run_name, tags={**context_tags(), **tags}
         )
         self.run_id = run.info.run_id
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -224,9 +256,9 @@ class RunTracker:
 
         # A signature rather than `input_example=`: the Keras flavour writes the example before it
         # creates the model directory, and fails.
-        signature = infer_signature(input_example, model.predict(input_example, verbose=0))
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id, nested=bool(mlflow.active_run())):
+        # A direct call, not predict(): one example cannot be split across a strategy's replicas.
+        signature = infer_signature(input_example, keras.ops.convert_to_numpy(model(input_example, training=False)))
+        with _fluent_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id, nested=bool(mlflow.active_run())):
             mlflow.keras.log_model(
                 model,
                 name="model",
@@ -281,12 +313,9 @@ class SweepParentRun(_HydraCallback):
         uri = tracking_uri(config)
         check_reachable(uri)
         self.client = MlflowClient(tracking_uri=uri)
-        name = config.tracking.experiment_name
-        experiment = self.client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
         run = self.client.create_run(
-            experiment_id,
+            experiment_id(self.client, config.tracking.experiment_name, uri),
             run_name=f"sweep {Path(sweep_dir).name}",
             tags={**context_tags(), "resnet_lab.kind": "sweep", "hydra.sweep_dir": sweep_dir},
         )

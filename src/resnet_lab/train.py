@@ -225,8 +225,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                     f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate})"
                 )
             model.save(output_dir / "model.keras")
-            sample = next(iter(val_ds.take(1)))[0].numpy()[:1]
-            tracker.log_model(model, sample)
+            if cfg.tracking.log_model:
+                tracker.log_model(model, next(iter(val_ds.take(1)))[0].numpy()[:1])
             tracker.log_artifact(output_dir / "history.csv")
             curve = _plot_learning_curve(output_dir / "history.csv", output_dir / "learning_curve.png", cfg.model.name)
             tracker.log_artifact(curve)

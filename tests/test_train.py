@@ -1,0 +1,240 @@
+"""Training on the real conf/, tracked in a real MLflow store: what a run records, and how it ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import TINY, path_overrides
+from mlflow import MlflowClient
+
+from resnet_lab.errors import ConfigError
+from resnet_lab.train import TrainingDiverged, train
+
+
+def _client(cfg) -> MlflowClient:
+    return MlflowClient(tracking_uri=cfg.tracking.uri)
+
+
+def _runs(cfg, filter_string: str = ""):
+    client = _client(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    return client.search_runs([experiment.experiment_id], filter_string) if experiment else []
+
+
+def _train_cli(args, cwd, *, timeout=240, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "resnet_lab.train", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg("trainer.epochs=2", "trainer.grad_norm_every=1", "tracking.log_model=true")
+    metrics = train(cfg)
+
+    run = _client(cfg).get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.name"] == "resnet8" and params["optimizer.name"] == "sgd"
+    assert params["trainer.batch_size"] == "16" and params["schedule.milestones"] == "[0.5, 0.75]"
+    assert int(params["model.trainable_params"]) > 0 and int(params["model.macs_per_image"]) > 0
+    tags = run.data.tags
+    assert tags["resnet_lab.family"] == "residual" and tags["resnet_lab.depth"] == "8"
+    assert tags["resnet_lab.dataset"] == "digits"
+
+    client = _client(cfg)
+    for key in ("loss", "accuracy", "error", "val_loss", "val_error", "learning_rate", "epoch_time", "images_per_sec"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+    errors = client.get_metric_history(run.info.run_id, "error")
+    accuracies = client.get_metric_history(run.info.run_id, "accuracy")
+    assert errors[-1].value == pytest.approx(1 - accuracies[-1].value)
+    stage_norms = {k for k in run.data.metrics if k.startswith("grad_norm/")}
+    assert {"grad_norm/conv1", "grad_norm/conv2", "grad_norm/conv4", "grad_norm/predictions"} <= stage_norms
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "history.csv", "learning_curve.png", "model_summary.txt", "summary.json"} <= artifacts
+
+    run_dir = tmp_path / "models" / "resnet8-0"
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["mlflow_run_id"] == run.info.run_id and summary["family"] == "residual"
+    assert summary["final"]["val_error"] == pytest.approx(metrics["val_error"])
+    assert not (run_dir / "backup").exists()  # BackupAndRestore removes its checkpoint after a full run
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model leaves no global behind
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    predictions = model.predict(np.zeros((3, 8, 8, 1), dtype="float32"))
+    assert np.asarray(predictions).shape == (3, 10)
+
+
+def test_validation_accuracy_in_inference_mode_is_well_above_chance(tiny_cfg):
+    # Guards the BN momentum: with Keras's 0.99 the moving statistics lag on short runs and validation
+    # sits at chance (10%) while training accuracy climbs.
+    cfg = tiny_cfg(
+        "trainer.steps_per_epoch=null", "trainer.validation_steps=null", "trainer.epochs=3",
+        "trainer.batch_size=32", "trainer.grad_norm_every=0", "schedule=constant",
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["val_accuracy"] > 0.5, metrics
+
+
+def test_same_seed_gives_identical_metrics_when_deterministic(tiny_cfg, tmp_path):
+    runs = [
+        train(tiny_cfg("trainer.deterministic=true", "trainer.epochs=2"), output_dir=tmp_path / f"run{i}")
+        for i in range(2)
+    ]
+    histories = [pd.read_csv(tmp_path / f"run{i}" / "history.csv") for i in range(2)]
+    columns = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    pd.testing.assert_frame_equal(histories[0][columns], histories[1][columns])
+    assert runs[0]["mlflow_run_id"] != runs[1]["mlflow_run_id"]
+
+
+def test_a_nan_loss_stops_training_and_fails_the_run(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("optimizer.learning_rate=1e30", "trainer.epochs=3", "schedule=constant")
+    with pytest.raises(TrainingDiverged, match="NaN"):
+        train(cfg)
+    (run,) = _runs(cfg)
+    assert run.info.status == "FAILED"
+    assert "TrainingDiverged" in run.data.tags["resnet_lab.failure"]
+    run_dir = tmp_path / "models" / "resnet8-0"
+    assert not (run_dir / "model.keras").exists() and not (run_dir / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.epochs=0", "trainer.epochs must be a positive integer, got 0"),
+        ("trainer.batch_size=-4", "trainer.batch_size must be a positive integer, got -4"),
+        ("model.name=resnet9", "unknown model 'resnet9'"),
+        ("optimizer.name=rmsprop", "unknown optimizer.name 'rmsprop'"),
+        ("trainer.precision=float8", "unknown trainer.precision 'float8'"),
+        ("trainer.batch_size=5000", "larger than the"),
+    ],
+)
+def test_bad_configuration_fails_before_any_run(tiny_cfg, override, message):
+    cfg = tiny_cfg(override)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert [r.info.status for r in _runs(cfg)] == []
+
+
+def test_an_unreachable_tracking_server_fails_at_once_naming_the_uri(tiny_cfg, tmp_path):
+    from conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"cannot reach the MLflow tracking server at {uri}"):
+        train(tiny_cfg(f"tracking.uri={uri}"))
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_real_mlflow_server_receives_the_run(tiny_cfg, mlflow_server):
+    cfg = tiny_cfg(f"tracking.uri={mlflow_server}")
+    metrics = train(cfg)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
+    assert "history.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_killed_run_resumes_its_epoch_and_its_mlflow_run(digits_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY, *path_overrides(digits_root, tmp_path), f"hydra.run.dir={run_dir}",
+        "trainer.steps_per_epoch=null", "trainer.validation_steps=null", "trainer.epochs=4",
+        "trainer.grad_norm_every=0",
+    ]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "resnet_lab.train", *args], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    metadata = run_dir / "backup" / "training_metadata.json"
+    deadline = time.monotonic() + 180
+    while not (metadata.is_file() and metadata.read_text()):
+        assert process.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before_kill = json.loads(metadata.read_text())["epoch"]
+    assert 1 <= done_before_kill < 4
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+
+    resumed = _train_cli(args, tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resnet_lab.resumed"] == "true"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3, 4]
+    experiment = client.get_experiment_by_name("resnet-lab")
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_sigterm_ends_the_run_killed(digits_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        *TINY, *path_overrides(digits_root, tmp_path), f"hydra.run.dir={run_dir}",
+        "trainer.steps_per_epoch=null", "trainer.epochs=50", "trainer.checkpoint=false",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "resnet_lab.train", *args], cwd=tmp_path,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not (run_dir / "history.csv").is_file():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+
+
+def test_a_two_job_multirun_shares_one_parent_run(digits_root, tmp_path):
+    result = _train_cli(
+        ["--multirun", *TINY, *path_overrides(digits_root, tmp_path), f"hydra.sweep.dir={tmp_path}/sweep",
+         "model=resnet8,plain8"],
+        tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("resnet-lab")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("resnet_lab.kind") == "sweep"]
+    children = [r for r in runs if r is not parent]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.data.params["model.name"] for r in children) == ["plain8", "resnet8"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    assert sorted(r.data.tags["hydra.job_num"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_mirrored_strategy_over_two_logical_cpus(digits_root, tmp_path):
+    base = [*TINY, *path_overrides(digits_root, tmp_path), "trainer.logical_cpus=2", "trainer.distribution=mirrored"]
+    result = _train_cli([*base, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("resnet-lab").experiment_id])
+    assert run.data.params["replicas"] == "2" and run.info.status == "FINISHED"
+
+    odd = _train_cli([*base, "trainer.batch_size=15", f"hydra.run.dir={tmp_path}/odd"], tmp_path)
+    assert odd.returncode == 2
+    assert odd.stderr.strip().splitlines()[-1] == (
+        "error: trainer.batch_size 15 is not divisible by the 2 replicas"
+    )
