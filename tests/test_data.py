@@ -212,7 +212,7 @@ def test_augmentation_crops_exact_shifted_windows_and_flips_about_half():
 def test_same_seed_same_split_and_batches_other_seed_another_split(digits_root, tmp_path):
     again = make_cfg(tmp_path / "again")
     again.paths.data_dir = str(digits_root / "tfds")
-    other = make_cfg(tmp_path / "other", "seed=1")
+    other = make_cfg(tmp_path / "other", "seed=1", "data.split_seed=1")
     other.paths.data_dir = str(digits_root / "tfds")
     prepare(again)
     prepare(other)
@@ -334,7 +334,7 @@ def test_prepare_cli_writes_the_prepared_dir(digits_root, tmp_path, capsys):
     cfg.paths.data_dir = str(digits_root / "tfds")
     OmegaConf.save(cfg, params)
 
-    main(["--params", str(params), "seed=1"])
+    main(["--params", str(params), "data.split_seed=1"])
 
     assert "prepared digits 1.0.0" in capsys.readouterr().out
     assert json.loads((tmp_path / "prepared" / "dataset.json").read_text())["seed"] == 1
@@ -344,7 +344,7 @@ def test_a_new_prepared_dir_replaces_a_stale_one_whole(digits_copy):
     stale_file = digits_copy / "prepared" / "stale.txt"
     stale_file.write_text("from an older run")
 
-    prepare(make_cfg(digits_copy, "seed=3"))
+    prepare(make_cfg(digits_copy, "data.split_seed=3"))
 
     assert not stale_file.exists()
     assert json.loads((digits_copy / "prepared" / "dataset.json").read_text())["seed"] == 3

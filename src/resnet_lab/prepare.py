@@ -2,7 +2,7 @@
 
 `python -m resnet_lab.prepare [--params params.yaml] [key=value ...]` builds `data.name` into
 `paths.data_dir` with TFDS's own `download_and_prepare`, splits TFDS's `train` split into train and
-validation (stratified by label, drawn with `seed`), and writes `paths.prepared_dir`:
+validation (stratified by label, drawn with `data.split_seed`), and writes `paths.prepared_dir`:
 
 - `train_indices.npy`, `validation_indices.npy`: sorted int64 example indices into TFDS's `train` split
   (see `resnet_lab.data` for what an index means), never copies of the images.
@@ -10,7 +10,7 @@ validation (stratified by label, drawn with `seed`), and writes `paths.prepared_
     - `format_version`: 1.
     - `name`, `version`: the TFDS dataset (as `data.name` gives it) and the version prepared.
     - `class_names`: one per label value; `image_shape`: the stored [H, W, C], null where sizes vary.
-    - `seed`, `validation_fraction`: what drew the split.
+    - `seed` (`data.split_seed`), `validation_fraction`: what drew the split.
     - `tfds_splits`: examples in each TFDS split read (the range of the indices).
     - `splits`: for "train", "validation" and "test": `source` (the TFDS split read), `indices` (the
       index file, or null for the whole source split), `indices_sha256` (of the file's bytes),
@@ -63,22 +63,22 @@ def prepare(cfg: DictConfig) -> dict:
     """Build `data.name` with TFDS, split its train split, and write `paths.prepared_dir`.
 
     Args:
-        cfg: the composed configuration (`data`, `paths`, `seed`).
+        cfg: the composed configuration (`data`, `paths`).
 
     Returns:
         The description written to `dataset.json` (see the module docstring).
 
     Raises:
         ConfigError: an unknown dataset, one without image and label features, or a bad
-            `data.validation_fraction`, `data.image_size` or `seed`; checked before any work.
+            `data.validation_fraction`, `data.image_size` or `data.split_seed`; checked before any work.
         DataError: the download failed, or the data cannot be split.
     """
     name = cfg.data.name
     fraction = _validation_fraction(cfg)
     image_size(cfg)
-    seed = cfg.seed
+    seed = cfg.data.split_seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        raise ConfigError(f"data.split_seed must be an integer in [0, 2**32), got {seed!r}")
     _check_known(name)
     data_dir = Path(cfg.paths.data_dir)
     manual_dir = Path(cfg.data.manual_dir) if cfg.data.manual_dir else data_dir / "downloads" / "manual"
