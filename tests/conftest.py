@@ -21,7 +21,13 @@ from resnet_lab.config import compose  # noqa: E402
 
 # A CIFAR-layout net with one unit per stage on 8x8 digits: every code path, in seconds.
 # Padding 1 of 8 pixels is the paper's 4 of 32.
-TINY = ("model=resnet8", "data.image_size=8", "data.pad_crop=1", "trainer=cpu_smoke", "tracking.log_model=false")
+TINY = (
+    "model=resnet8",
+    "data.image_size=8",
+    "data.pad_crop=1",
+    "trainer=cpu_smoke",
+    "tracking.log_model=false",
+)
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +76,20 @@ def mlflow_server(tmp_path):
     store.mkdir()
     process = subprocess.Popen(
         [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{store}/mlflow.db",
-            "--artifacts-destination", str(store / "artifacts"),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--artifacts-destination",
+            str(store / "artifacts"),
         ],  # fmt: skip
         cwd=store,
         stdout=subprocess.DEVNULL,

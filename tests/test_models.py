@@ -43,7 +43,13 @@ def test_macs_match_table1():
 def test_layer_names_read_like_table1():
     model = build_model("resnet34", 10, (64, 64, 3))
     names = {layer.name for layer in model.layers}
-    assert {"conv1_conv", "pool1_pool", "conv3_block2_1_conv", "conv3_block2_add", "conv5_block3_out"} <= names
+    assert {
+        "conv1_conv",
+        "pool1_pool",
+        "conv3_block2_1_conv",
+        "conv3_block2_add",
+        "conv5_block3_out",
+    } <= names
     # Option B projection only where the shape changes: the first unit of stages 3-5.
     projections = sorted(n for n in names if n.endswith("_0_conv"))
     assert projections == ["conv3_block1_0_conv", "conv4_block1_0_conv", "conv5_block1_0_conv"]
@@ -138,9 +144,16 @@ def test_bad_input_names_the_value(kwargs, message):
 
 
 def test_table_covers_the_zoo():
-    assert {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "plain18", "plain34", "plain50"} <= set(
-        ARCHS
-    )
+    assert {
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "plain18",
+        "plain34",
+        "plain50",
+    } <= set(ARCHS)
     assert {f"{f}{d}" for f in ("resnet", "plain") for d in (20, 32, 44, 56, 110)} <= set(ARCHS)
     assert ARCHS["plain34"].blocks_per_stage == ARCHS["resnet34"].blocks_per_stage
     assert ARCHS["resnet50"].depth == 50 and ARCHS["resnet110"].depth == 110

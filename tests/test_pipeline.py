@@ -32,7 +32,9 @@ def _run(args, cwd, *, check=True, timeout=600) -> subprocess.CompletedProcess:
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise AssertionError(
+            f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 
@@ -85,7 +87,14 @@ def test_the_committed_params_yaml_is_the_composition_of_conf(tmp_path):
 @pytest.mark.slow
 def test_repro_runs_every_stage_and_tracks_every_run(repo):
     log = (repo / "repro.log").read_text()
-    for stage in ("prepare", "train@plain8-0", "train@resnet8-0", "evaluate@plain8-0", "evaluate@resnet8-0", "compare"):
+    for stage in (
+        "prepare",
+        "train@plain8-0",
+        "train@resnet8-0",
+        "evaluate@plain8-0",
+        "evaluate@resnet8-0",
+        "compare",
+    ):
         assert f"Running stage '{stage}'" in log
     lock = OmegaConf.load(repo / "dvc.lock")
     assert {"prepare", "train@plain8-0", "train@resnet8-0", "compare"} <= set(lock.stages)

@@ -13,9 +13,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, path_overrides
 from mlflow import MlflowClient
 
+from conftest import TINY, path_overrides
 from resnet_lab.errors import ConfigError
 from resnet_lab.train import TrainingDiverged, train
 
@@ -53,7 +53,16 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     assert tags["resnet_lab.dataset"] == "digits"
 
     client = _client(cfg)
-    for key in ("loss", "accuracy", "error", "val_loss", "val_error", "learning_rate", "epoch_time", "images_per_sec"):
+    for key in (
+        "loss",
+        "accuracy",
+        "error",
+        "val_loss",
+        "val_error",
+        "learning_rate",
+        "epoch_time",
+        "images_per_sec",
+    ):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
     errors = client.get_metric_history(run.info.run_id, "error")
     accuracies = client.get_metric_history(run.info.run_id, "accuracy")
@@ -62,7 +71,13 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     assert {"grad_norm/conv1", "grad_norm/conv2", "grad_norm/conv4", "grad_norm/predictions"} <= stage_norms
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "history.csv", "learning_curve.png", "model_summary.txt", "summary.json"} <= artifacts
+    assert {
+        "config.yaml",
+        "history.csv",
+        "learning_curve.png",
+        "model_summary.txt",
+        "summary.json",
+    } <= artifacts
 
     run_dir = tmp_path / "models" / "resnet8-0"
     history = pd.read_csv(run_dir / "history.csv")
@@ -203,7 +218,9 @@ def test_sigterm_ends_the_run_killed(digits_root, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) != 0
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    assert MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+    assert (
+        MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+    )
 
 
 def test_a_two_job_multirun_shares_one_parent_run(digits_root, tmp_path):
@@ -226,7 +243,12 @@ def test_a_two_job_multirun_shares_one_parent_run(digits_root, tmp_path):
 
 
 def test_mirrored_strategy_over_two_logical_cpus(digits_root, tmp_path):
-    base = [*TINY, *path_overrides(digits_root, tmp_path), "trainer.logical_cpus=2", "trainer.distribution=mirrored"]
+    base = [
+        *TINY,
+        *path_overrides(digits_root, tmp_path),
+        "trainer.logical_cpus=2",
+        "trainer.distribution=mirrored",
+    ]
     result = _train_cli([*base, f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")

@@ -45,7 +45,9 @@ class EpochMetrics(keras.callbacks.Callback):
                 logs[f"{prefix}error"] = 1.0 - float(logs[f"{prefix}accuracy"])
         logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         logs["epoch_time"] = now - self._epoch_start
-        logs["images_per_sec"] = self.train_images_per_epoch / max((self._train_end or now) - self._epoch_start, 1e-9)
+        logs["images_per_sec"] = self.train_images_per_epoch / max(
+            (self._train_end or now) - self._epoch_start, 1e-9
+        )
 
 
 class MlflowLogger(keras.callbacks.Callback):
@@ -99,10 +101,16 @@ class GradientNorms(keras.callbacks.Callback):
         if not self.every or (epoch + 1) % self.every:
             return
         norms = self.stage_norms()
-        self.tracker.log_metrics({f"grad_norm/{stage}": norm for stage, norm in norms.items()}, step=epoch + 1)
+        self.tracker.log_metrics(
+            {f"grad_norm/{stage}": norm for stage, norm in norms.items()}, step=epoch + 1
+        )
 
     def stage_norms(self) -> dict[str, float]:
-        """The L2 norm of the loss gradient over each stage's variables (`conv1` ... `conv5`, `predictions`)."""
+        """The L2 norm of the loss gradient over each stage's variables (`conv1` ... `conv5`, `predictions`).
+
+        Returns:
+            Stage name to norm.
+        """
         import tensorflow as tf
 
         if self._probe is None:

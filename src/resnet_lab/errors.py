@@ -1,4 +1,5 @@
-"""Errors that mean bad input (ours, and OmegaConf's missing or mistyped keys), and the command-line wrapper that turns them into one line and exit 2.
+"""Errors that mean bad input (ours, and OmegaConf's missing or mistyped keys), and the command-line
+wrapper that turns them into one line and exit 2.
 
 Anything else is a bug and keeps its traceback. `RESNET_LAB_DEBUG=1` shows the traceback for bad input too.
 """

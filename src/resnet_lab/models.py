@@ -238,7 +238,9 @@ def build_model(
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if len(input_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in input_shape):
-        raise ValueError(f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}")
+        raise ValueError(
+            f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}"
+        )
     stride = total_stride(arch, stem)
     if min(input_shape[:2]) < stride:
         raise ValueError(
@@ -270,7 +272,9 @@ def build_model(
         x = layers.Activation("relu", name="conv1_relu")(_bn(x, "conv1", opts))
 
     block = BLOCKS[arch.block]
-    for stage_index, (filters, num_blocks) in enumerate(zip(stage_filters, arch.blocks_per_stage, strict=True)):
+    for stage_index, (filters, num_blocks) in enumerate(
+        zip(stage_filters, arch.blocks_per_stage, strict=True)
+    ):
         for block_index in range(num_blocks):
             stride = 2 if stage_index > 0 and block_index == 0 else 1
             x = block(x, filters, stride, f"conv{stage_index + 2}_block{block_index + 1}", opts)
@@ -331,7 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     model.summary(line_length=110)
     arch = get_arch(args.name)
-    print(f"{args.name}: {arch.family}, {arch.depth} weighted layers, {arch.block} units {arch.blocks_per_stage}")
+    units = f"{arch.block} units {arch.blocks_per_stage}"
+    print(f"{args.name}: {arch.family}, {arch.depth} weighted layers, {units}")
     print(f"trainable parameters: {count_params(model):,}")
     print(f"multiply-accumulates per image: {count_macs(model) / 1e9:.3f} G")
 

@@ -22,7 +22,9 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
         ramp = (step + 1.0) / float(self.warmup_steps)
-        return keras.ops.where(step < self.warmup_steps, ramp * self.after_warmup(step), self.after_warmup(step))
+        return keras.ops.where(
+            step < self.warmup_steps, ramp * self.after_warmup(step), self.after_warmup(step)
+        )
 
     def get_config(self):
         return {
@@ -72,7 +74,11 @@ def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: i
     elif schedule.name == "constant":
         if not warmup_steps:
             return learning_rate
-        after = keras.optimizers.schedules.PiecewiseConstantDecay([total_steps], [learning_rate, learning_rate])
+        after = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [total_steps], [learning_rate, learning_rate]
+        )
     else:
-        raise ConfigError(f"unknown schedule.name {schedule.name!r}; choose one of ['constant', 'cosine', 'step']")
+        raise ConfigError(
+            f"unknown schedule.name {schedule.name!r}; choose one of ['constant', 'cosine', 'step']"
+        )
     return LinearWarmup(after, warmup_steps) if warmup_steps else after

@@ -60,7 +60,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.label_smoothing must be in [0, 1), got {trainer.label_smoothing!r}")
     if cfg.schedule.warmup_epochs < 0 or cfg.schedule.warmup_epochs >= trainer.epochs:
         raise ConfigError(
-            f"schedule.warmup_epochs must be in [0, trainer.epochs={trainer.epochs}), got {cfg.schedule.warmup_epochs!r}"
+            f"schedule.warmup_epochs must be in [0, trainer.epochs={trainer.epochs}), "
+            f"got {cfg.schedule.warmup_epochs!r}"
         )
 
 
@@ -159,8 +160,12 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             raise ConfigError(
                 f"trainer.batch_size {cfg.trainer.batch_size} is not divisible by the {replicas} replicas"
             )
-        train_ds, train_steps = _split(data_lib, spec, "train", cfg, cfg.trainer.steps_per_epoch, training=True)
-        val_ds, val_steps = _split(data_lib, spec, "validation", cfg, cfg.trainer.validation_steps, training=False)
+        train_ds, train_steps = _split(
+            data_lib, spec, "train", cfg, cfg.trainer.steps_per_epoch, training=True
+        )
+        val_ds, val_steps = _split(
+            data_lib, spec, "validation", cfg, cfg.trainer.validation_steps, training=False
+        )
         arch = get_arch(cfg.model.name)
         with strategy.scope():
             model = build_from_config(
@@ -178,7 +183,9 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                 jit_compile=cfg.trainer.jit_compile,
             )
         if smoothing:
-            train_ds, val_ds = (ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes))) for ds in (train_ds, val_ds))
+            train_ds, val_ds = (
+                ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes))) for ds in (train_ds, val_ds)
+            )
         params, macs = count_params(model), count_macs(model)
 
         with tracker:
@@ -189,12 +196,18 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                     "resnet_lab.dataset": cfg.data.name,
                     "resnet_lab.model": cfg.model.name,
                 },
-                extra_params={"model.trainable_params": params, "model.macs_per_image": macs, "replicas": replicas},
+                extra_params={
+                    "model.trainable_params": params,
+                    "model.macs_per_image": macs,
+                    "replicas": replicas,
+                },
             )
             tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             tracker.log_text(_summary_text(model), "model_summary.txt")
             output_dir.mkdir(parents=True, exist_ok=True)
-            batches_per_epoch = train_steps or spec.num_batches("train", cfg.trainer.batch_size, training=True)
+            batches_per_epoch = train_steps or spec.num_batches(
+                "train", cfg.trainer.batch_size, training=True
+            )
             epoch_metrics = EpochMetrics(batches_per_epoch * cfg.trainer.batch_size)
             callbacks = [
                 keras.callbacks.TerminateOnNaN(),
@@ -228,7 +241,9 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             if cfg.tracking.log_model:
                 tracker.log_model(model, next(iter(val_ds.take(1)))[0].numpy()[:1])
             tracker.log_artifact(output_dir / "history.csv")
-            curve = _plot_learning_curve(output_dir / "history.csv", output_dir / "learning_curve.png", cfg.model.name)
+            curve = _plot_learning_curve(
+                output_dir / "history.csv", output_dir / "learning_curve.png", cfg.model.name
+            )
             tracker.log_artifact(curve)
             summary = _summary(cfg, arch, params, macs, output_dir, train_time, tracker.run_id)
             tracker.log_metrics({"train_time_s": train_time})
@@ -274,7 +289,9 @@ def _summary(cfg, arch, params, macs, output_dir: Path, train_time: float, run_i
         "epochs": int(last["epoch"]),
         "train_time_s": round(train_time, 3),
         "images_per_sec": float(history["images_per_sec"].mean()),
-        "final": {k: float(last[k]) for k in ("loss", "accuracy", "error", "val_loss", "val_accuracy", "val_error")},
+        "final": {
+            k: float(last[k]) for k in ("loss", "accuracy", "error", "val_loss", "val_accuracy", "val_error")
+        },
         "best": {"error": float(history["error"].min()), "val_error": float(history["val_error"].min())},
         "mlflow_run_id": run_id,
         "dataset": cfg.data.name,
