@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,39 @@ def test_exp_run_set_param_reruns_only_what_it_affects(repo):
         [client.get_experiment_by_name("resnet-lab").experiment_id], f"tags.`dvc.exp_name` = '{name}'"
     )
     assert len([r for r in runs if "model.name" in r.data.params]) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_repro_reruns_only_the_interrupted_stage(repo):
+    # Longer epochs so that the kill lands inside train@resnet8-0, after train@plain8-0 has finished.
+    params = OmegaConf.load(repo / "params.yaml")
+    params.trainer.steps_per_epoch = None
+    params.trainer.epochs = 3
+    OmegaConf.save(params, repo / "params.yaml")
+    started = time.time()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    history = repo / "models" / "resnet8-0" / "history.csv"
+    deadline = time.monotonic() + 300
+    while not (history.is_file() and history.stat().st_mtime > started):
+        assert process.poll() is None, "dvc repro ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    status = json.loads(_dvc("status", "--json", cwd=repo).stdout)
+    assert "train@resnet8-0" in status and "train@plain8-0" not in status
+    lock = OmegaConf.load(repo / "dvc.lock")
+    assert lock.stages["train@plain8-0"].params["params.yaml"].trainer.epochs == 3
+    # The interrupted stage's half-written output was not recorded, so it is not taken for a result.
+    assert lock.stages["train@resnet8-0"].params["params.yaml"].trainer.epochs == 2
+
+    result = _dvc("repro", cwd=repo)
+    ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
+    assert {"train@resnet8-0", "evaluate@resnet8-0", "compare"} <= ran
+    assert not {"prepare", "train@plain8-0"} & ran
+    assert json.loads(_dvc("status", "--json", cwd=repo).stdout) == {}

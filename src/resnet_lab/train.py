@@ -49,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"trainer.{key} must be a positive integer or null, got {value!r}")
     _choice("trainer.precision", trainer.precision, PRECISIONS)
+    _choice("trainer.jit_compile", trainer.jit_compile, (True, False, "auto"))
     _choice("trainer.distribution", trainer.distribution, DISTRIBUTIONS)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", cfg.schedule.name, SCHEDULES)
@@ -102,6 +103,20 @@ def make_strategy(cfg: DictConfig):
     return tf.distribute.get_strategy()
 
 
+def resolve_jit_compile(setting, replicas: int) -> bool:
+    """`trainer.jit_compile`: true, false, or auto = XLA on a single GPU only.
+
+    Measured with `python -m resnet_lab.bench` on a 2-core CPU, XLA trains 2.5-9x slower than TensorFlow's
+    own (oneDNN) kernels, and under MirroredStrategy over CPU devices it fails to place resources
+    (keras-team/keras#19005); on a GPU it is the fast path.
+    """
+    import tensorflow as tf
+
+    if setting == "auto":
+        return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
+    return bool(setting)
+
+
 def make_optimizer(cfg: DictConfig, steps_per_epoch: int):
     """The configured Keras optimizer over the configured Keras learning-rate schedule."""
     import keras
@@ -115,6 +130,25 @@ def make_optimizer(cfg: DictConfig, steps_per_epoch: int):
         )
     return keras.optimizers.Adam(
         learning_rate=schedule, beta_1=cfg.optimizer.beta_1, beta_2=cfg.optimizer.beta_2
+    )
+
+
+def compile_model(model, cfg: DictConfig, steps_per_epoch: int, *, replicas: int = 1) -> None:
+    """Compile as training does: the configured optimizer and schedule, cross-entropy, accuracy, XLA setting.
+
+    Label smoothing needs one-hot labels, so with `trainer.label_smoothing` > 0 the loss and the accuracy
+    are the categorical ones; `train` maps the labels to match.
+    """
+    import keras
+
+    smoothing = float(cfg.trainer.label_smoothing)
+    model.compile(
+        optimizer=make_optimizer(cfg, steps_per_epoch),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+        if smoothing
+        else keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.CategoricalAccuracy("accuracy") if smoothing else "accuracy"],
+        jit_compile=resolve_jit_compile(cfg.trainer.jit_compile, replicas),
     )
 
 
@@ -171,17 +205,13 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             model = build_from_config(
                 cfg.model, spec.num_classes, spec.input_shape, cfg.optimizer.weight_decay
             )
-            smoothing = float(cfg.trainer.label_smoothing)
-            model.compile(
-                optimizer=make_optimizer(
-                    cfg, train_steps or spec.num_batches("train", cfg.trainer.batch_size, training=True)
-                ),
-                loss=keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
-                if smoothing
-                else keras.losses.SparseCategoricalCrossentropy(),
-                metrics=[keras.metrics.CategoricalAccuracy("accuracy") if smoothing else "accuracy"],
-                jit_compile=cfg.trainer.jit_compile,
+            compile_model(
+                model,
+                cfg,
+                train_steps or spec.num_batches("train", cfg.trainer.batch_size, training=True),
+                replicas=replicas,
             )
+        smoothing = float(cfg.trainer.label_smoothing)
         if smoothing:
             train_ds, val_ds = (
                 ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes))) for ds in (train_ds, val_ds)
