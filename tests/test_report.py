@@ -109,6 +109,17 @@ def test_verdict_no_when_residual_ends_above_the_equally_deep_plain_net():
     assert result["text"].startswith("No:")
 
 
+def test_no_worse_allows_the_tolerance_and_an_insignificant_difference():
+    slightly_worse = FIG4_ERRORS | {"resnet34": 0.095}  # 0.5 points above resnet18
+    assert verdict({n: [e] for n, e in slightly_worse.items()})["answer"] == "no"
+    assert verdict({n: [e] for n, e in slightly_worse.items()}, tolerance=0.01)["answer"] == "yes"
+    assert verdict({n: [e] for n, e in slightly_worse.items()}, tolerance=0.004)["answer"] == "no"
+    # With seeds that overlap, Welch's test finds no significant difference: no worse.
+    noisy = {n: [e - 0.03, e, e + 0.03] for n, e in slightly_worse.items()}
+    result = verdict(noisy)
+    assert result["residual_no_degradation_p_value"] > 0.05 and result["answer"] == "yes"
+
+
 def test_verdict_no_when_deeper_residual_ends_above_shallower_residual():
     result = verdict({name: [error] for name, error in (FIG4_ERRORS | {"resnet34": 0.12}).items()})
 

@@ -132,7 +132,7 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
     final_train_errors = {model: [] for model in models}
     for member in members:
         final_train_errors[member["model"]].append(float(member["summary"]["final"]["error"]))
-    result = verdict(final_train_errors)
+    result = verdict(final_train_errors, tolerance=float(cfg.study.get("tolerance", 0.0)))
     result["study"] = {"dataset": str(cfg.data.name), "models": models, "seeds": seeds}
 
     curves = curves_frame({(member["model"], member["seed"]): member["history"] for member in members})
