@@ -239,6 +239,7 @@ def verdict(final_train_errors: Mapping[str, Sequence[float]], *, tolerance: flo
     result = {
         "answer": answer,
         "text": text,
+        "tolerance": tolerance,
         "degradation_shown": degradation["outcome"] == SHOWN,
         "prevented": beats_plain["outcome"] == SHOWN and no_degradation["outcome"] == SHOWN,
         "shallow_depth": shallow,
@@ -637,7 +638,9 @@ training error where there are several.
   first model's mean minus the second's.{reference_only}
 - With at least {MIN_SEEDS_FOR_TEST} seeds per model, each comparison also carries a two-sided Welch's
   t-test p-value (`scipy.stats.ttest_ind(equal_var=False)`); with fewer there is none. The outcome follows
-  the means; a large p-value says the seeds cannot tell that difference from seed-to-seed noise.
+  the means, with one allowance for noise: the deeper residual net counts as no higher than the shallower
+  one when it ends at most {100 * result.get("tolerance", 0.0):.2f} points above it (`study.tolerance`), or
+  when the test finds the difference not significant (p >= {ALPHA}).
 - The answer is "Yes" when all three claims hold, "No" when the plain nets degrade but a residual claim
   fails, and "Inconclusive" when a model is missing or the plain nets did not degrade.
 - Validation error is the last epoch's; test error comes from the evaluate stage's `test.json`.
