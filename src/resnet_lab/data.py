@@ -24,7 +24,7 @@ import resnet_lab.datasets  # noqa: F401  registers the package's TFDS builders 
 from resnet_lab.errors import ConfigError, DataError
 
 DESCRIPTION_FILE = "dataset.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "validation", "test")
 # Shuffle buffers hold a second copy of the examples, so they are bounded: all of CIFAR-10's 45k decoded
 # 32x32 training images, a few thousand encoded 224 px ones. TFDS wrote the examples in shuffled order, so
@@ -98,7 +98,7 @@ def description_path(cfg: DictConfig) -> Path:
 
 
 def dataset_info(cfg: DictConfig) -> dict:
-    """Read `<paths.prepared_dir>/dataset.json` and verify the split index files against their checksums.
+    """Read `<paths.prepared_dir>/dataset.json` and verify the split index files and TFDS's files.
 
     Args:
         cfg: the composed configuration (`paths.prepared_dir`, `data.name`).
@@ -107,8 +107,8 @@ def dataset_info(cfg: DictConfig) -> dict:
         The description the prepare stage wrote (see `resnet_lab.prepare.prepare`).
 
     Raises:
-        DataError: the file is missing, unreadable, for another dataset, or an index file is missing or
-            does not match its checksum.
+        DataError: the file is missing, unreadable, for another dataset, or an index file or a TFDS file
+            is missing or does not match its checksum.
     """
     path = description_path(cfg)
     if not path.is_file():
@@ -128,7 +128,31 @@ def dataset_info(cfg: DictConfig) -> dict:
     for split in SPLITS:
         if info["splits"][split]["indices"]:
             _load_indices(path.parent, info["splits"][split])
+    _check_tfds_files(Path(cfg.paths.data_dir), info["tfds_files"])
     return info
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_tfds_files(data_dir: Path, files: dict) -> None:
+    """TFDS's records carry no checksum of their own: a truncated shard would fail in the middle of fit."""
+    for name, expected in files.items():
+        path = data_dir / name
+        if not path.is_file():
+            raise DataError(f"{path} is missing: rerun the prepare stage")
+        size = path.stat().st_size
+        if size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+            raise DataError(
+                f"{path} does not match the checksum in dataset.json ({size} bytes, prepared with "
+                f"{expected['bytes']}): the TFDS data is corrupted; delete it and rerun the prepare stage"
+            )
 
 
 _REQUIRED_FIELDS = (
@@ -140,6 +164,7 @@ _REQUIRED_FIELDS = (
         "tfds_splits",
         "normalization.mean",
         "normalization.std",
+        "tfds_files",
     ),
     *(
         f"splits.{split}.{key}"
@@ -260,7 +285,12 @@ def make_dataset(split: str, cfg: DictConfig, training: bool) -> tf.data.Dataset
     dataset = dataset.map(
         lambda images, labels: ((images - mean) / std, labels), num_parallel_calls=tf.data.AUTOTUNE
     )
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Under MultiWorkerMirroredStrategy each worker keeps every n-th batch. Sharding by file (TF's
+    # default where it can) would hand each worker whole TFDS shards, and the index filter above counts
+    # examples across all of them.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def _augment(dataset: tf.data.Dataset, *, size: int, pad: int, flip: bool, seed: int) -> tf.data.Dataset:

@@ -7,7 +7,7 @@ validation (stratified by label, drawn with `data.split_seed`), and writes `path
 - `train_indices.npy`, `validation_indices.npy`: sorted int64 example indices into TFDS's `train` split
   (see `resnet_lab.data` for what an index means), never copies of the images.
 - `dataset.json`:
-    - `format_version`: 1.
+    - `format_version`: 2.
     - `name`, `version`: the TFDS dataset (as `data.name` gives it) and the version prepared.
     - `class_names`: one per label value; `image_shape`: the stored [H, W, C], null where sizes vary.
     - `seed` (`data.split_seed`), `validation_fraction`: what drew the split.
@@ -17,6 +17,8 @@ validation (stratified by label, drawn with `data.split_seed`), and writes `path
       `num_examples` and `class_counts` (class name -> examples).
     - `normalization`: per-channel `mean` and `std` of the train split's pixels, scaled to [0, 1], at the
       stored resolution.
+    - `tfds_files`: every file TFDS wrote for the dataset (its path under `paths.data_dir`) -> `bytes`
+      and `sha256`, so a truncated or altered shard is caught before training reads it.
 
 The test split is TFDS's `test`, else its `validation` (imagenette), else a stratified
 `data.validation_fraction` of `train` held out before the validation split (tf_flowers; then
@@ -49,7 +51,7 @@ from tensorflow_datasets.core.download.download_manager import NonMatchingChecks
 
 import resnet_lab.datasets  # noqa: F401  registers the package's TFDS builders (digits)
 from resnet_lab.config import stage_config
-from resnet_lab.data import DESCRIPTION_FILE, FORMAT_VERSION, image_size, read_split
+from resnet_lab.data import DESCRIPTION_FILE, FORMAT_VERSION, file_sha256, image_size, read_split
 from resnet_lab.errors import ConfigError, DataError, cli
 
 OFFLINE_DATASET = "digits"
@@ -134,6 +136,7 @@ def prepare(cfg: DictConfig) -> dict:
         "tfds_splits": tfds_splits,
         "splits": splits,
         "normalization": {"mean": mean.tolist(), "std": std.tolist()},
+        "tfds_files": _tfds_files(builder, data_dir),
     }
     files[DESCRIPTION_FILE] = (json.dumps(description, indent=2) + "\n").encode()
     _publish(Path(cfg.paths.prepared_dir), files)
@@ -293,6 +296,17 @@ def _stratified_split(
             f"cannot hold out a stratified {what} split of {fraction:g} from {len(indices)} examples: {exc}"
         ) from exc
     return np.sort(kept).astype(np.int64), np.sort(held_out).astype(np.int64)
+
+
+def _tfds_files(builder: tfds.core.DatasetBuilder, data_dir: Path) -> dict:
+    source = Path(builder.data_dir)
+    if not source.is_relative_to(data_dir):  # `tfds.testing.mock_data` generates examples, reads no files
+        return {}
+    files = sorted(path for path in source.iterdir() if path.is_file())
+    return {
+        path.relative_to(data_dir).as_posix(): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in files
+    }
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -1,15 +1,29 @@
-"""MLflow plumbing shared by training, evaluation and the report: where the store is, and what to tag."""
+"""MLflow plumbing shared by training, evaluation and the report: where the store is, and what to tag.
+
+    python -m resnet_lab.tracking replay models/resnet34-0/mlflow_unsent.jsonl
+
+A run whose tracking server went away keeps training and appends what it could not send to
+`<output dir>/mlflow_unsent.jsonl`; the next record that gets through sends the file first, and `replay`
+sends it by hand (the run's end included) once the server is back.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
+
+from resnet_lab.errors import ConfigError, cli
+
+log = logging.getLogger(__name__)
 
 _DVC_TEMP_WORKSPACE = os.path.join(".dvc", "tmp", "exps")
 
@@ -76,11 +90,29 @@ def experiment_id(client, name: str, uri: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        # A parallel job created it first.
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 PARENT_RUN_ENV = "RESNET_LAB_PARENT_RUN_ID"
 RUN_ID_FILE = "mlflow_run.json"
+UNSENT_FILE = "mlflow_unsent.jsonl"
+OUTAGE_TAG = "resnet_lab.tracking_outage"
+# MLflow retries a refused connection for about four minutes (7 retries, backoff factor 2): once per
+# epoch, that would stall training for as long as the server is away. Two quick retries ride out a
+# restart; then the records go to UNSENT_FILE. Values set in the environment win.
+_QUICK_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -98,6 +130,23 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return flat
+
+
+_PASSWORD_IN_URI = re.compile(r"(://[^/\s:@]+\\?:)[^/\s@]+@")
+
+
+def masked_yaml(cfg: DictConfig) -> str:
+    """The resolved configuration as YAML with any password in a URI masked: the `config.yaml` a run logs."""
+    from omegaconf import OmegaConf
+
+    def mask(node):
+        if isinstance(node, dict):
+            return {key: mask(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [mask(value) for value in node]
+        return mask_password(node) if isinstance(node, str) else node
+
+    return OmegaConf.to_yaml(mask(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def mask_password(value: str) -> str:
@@ -132,7 +181,9 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
         except requests.RequestException as exc:
-            raise ConfigError(f"cannot reach the MLflow tracking server at {shown}: {type(exc).__name__}") from None
+            raise ConfigError(
+                f"cannot reach the MLflow tracking server at {shown}: {type(exc).__name__}"
+            ) from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///") :]).parent
         if not folder.is_dir():
@@ -162,7 +213,8 @@ def context_tags() -> dict[str, str]:
         if hydra_cfg.mode.name == "MULTIRUN":
             tags["hydra.sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
             tags["hydra.job_num"] = str(hydra_cfg.job.num)
-            tags["hydra.overrides"] = ",".join(hydra_cfg.overrides.task)
+            # Hydra escapes the overrides (http\://user\:secret@host): masked as text, not parsed.
+            tags["hydra.overrides"] = _PASSWORD_IN_URI.sub(r"\1***@", ",".join(hydra_cfg.overrides.task))
     except ValueError:
         pass  # not inside a Hydra app
     if parent := os.environ.get(PARENT_RUN_ENV):
@@ -188,6 +240,7 @@ class RunTracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id: str | None = None
         self.resumed = False
+        self._away = False  # the tracking store stopped answering; records go to unsent_file
 
     @classmethod
     def for_training(cls, cfg: DictConfig, output_dir: Path) -> RunTracker:
@@ -205,7 +258,9 @@ class RunTracker:
             self.client.set_tag(previous, "resnet_lab.resumed", "true")
             return previous
         run = self.client.create_run(
-            experiment_id(self.client, self.cfg.tracking.experiment_name, self.uri), run_name=self.run_name, tags={**context_tags(), **tags}
+            experiment_id(self.client, self.cfg.tracking.experiment_name, self.uri),
+            run_name=self.run_name,
+            tags={**context_tags(), **tags},
         )
         self.run_id = run.info.run_id
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -234,42 +289,70 @@ class RunTracker:
         return {m.step for m in self.client.get_metric_history(self.run_id, key)} if self.run_id else set()
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
-        )
+        self._send({"metrics": {k: float(v) for k, v in metrics.items()}, "step": step, "timestamp": now})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._send({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    @property
+    def unsent_file(self) -> Path:
+        return self.output_dir / UNSENT_FILE
+
+    def _send(self, record: dict, send=None) -> None:
+        """Send one record to the run; while the tracking store is away, append it to `unsent_file`.
+
+        The first record that gets through again sends the file's records before it, in order.
+
+        Args:
+            record: what `_apply` sends, and what the file keeps.
+            send: sends the record another way while the store answers (a model in memory).
+        """
+        record = {"run_id": self.run_id, **record}
+        if self._away and not _answers(self.uri):
+            self._keep(record, None)
+            return
+        try:
+            with _quick_retries():
+                if self.unsent_file.is_file():
+                    # Another process's end of run is stale once this one continues the run.
+                    replay_unsent(self.unsent_file, self.client, finish=False)
+                if send is None:
+                    _apply(self.client, record)
+                else:
+                    send()
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            self._keep(record, exc)
+            return
+        self._away = False
+
+    def _keep(self, record: dict, exc: Exception | None) -> None:
+        with self.unsent_file.open("a") as file:
+            file.write(json.dumps({**record, "tracking_uri": mask_password(self.uri)}) + "\n")
+        if exc is not None and not self._away:
+            log.warning(
+                "MLflow tracking at %s is unreachable (%s); training goes on and writes what it cannot "
+                "send to %s: it is sent when the server answers again, or by `python -m resnet_lab.tracking "
+                "replay %s`",
+                mask_password(self.uri), " ".join(str(exc).split())[:200], self.unsent_file, self.unsent_file,
+            )  # fmt: skip
+        self._away = True
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_model(self, model, input_example) -> None:
-        """Log with MLflow's Keras flavour, with a tensor signature inferred from `input_example`."""
-        import keras
-        import mlflow
-        import tensorflow as tf
-        from mlflow.models import infer_signature
+        """Log with MLflow's Keras flavour, with a tensor signature inferred from `input_example`.
 
-        # A signature rather than `input_example=`: the Keras flavour writes the example before it
-        # creates the model directory, and fails.
-        # A direct call, not predict(): one example cannot be split across a strategy's replicas.
-        signature = infer_signature(input_example, keras.ops.convert_to_numpy(model(input_example, training=False)))
-        with _fluent_tracking_uri(self.uri), mlflow.start_run(run_id=self.run_id, nested=bool(mlflow.active_run())):
-            mlflow.keras.log_model(
-                model,
-                name="model",
-                signature=signature,
-                # Pinned here: inferring them loads the model in a subprocess, which costs a minute.
-                pip_requirements=[
-                    f"tensorflow=={tf.__version__}",
-                    f"keras=={keras.__version__}",
-                    f"resnet-lab=={__import__('resnet_lab').__version__}",
-                ],
-            )
+        While the store is away, `replay_unsent` logs the copy saved as `model.keras` in the output
+        directory instead.
+        """
+        self._send(
+            {"model": str((self.output_dir / "model.keras").resolve())},
+            lambda: _log_keras_model(self.uri, self.run_id, model, input_example),
+        )
 
     def __enter__(self) -> RunTracker:
         return self
@@ -277,14 +360,49 @@ class RunTracker:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.run_id is None:
             return False
-        if exc_type is None:
-            self.client.set_terminated(self.run_id, "FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.client.set_terminated(self.run_id, "KILLED")
-        else:
-            reason = " ".join(f"{exc_type.__name__}: {exc}".split())[:4000]
-            self.client.set_tag(self.run_id, "resnet_lab.failure", reason)
-            self.client.set_terminated(self.run_id, "FAILED")
+        end = {"status": "FINISHED", "end_time": int(time.time() * 1000)}
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            end["status"] = "KILLED"
+        elif exc_type is not None:
+            end.update(status="FAILED", failure=" ".join(f"{exc_type.__name__}: {exc}".split())[:4000])
+        self._send(end)
+        if self._away:
+            log.warning(
+                "MLflow run %s stays RUNNING at %s until `python -m resnet_lab.tracking replay %s` sends "
+                "its last records and its end (%s)",
+                self.run_id, mask_password(self.uri), self.unsent_file, end["status"],
+            )  # fmt: skip
+        return False
+
+
+class NoTracking:
+    """What a worker other than the chief of a multi-worker run records: nothing (the chief does)."""
+
+    run_id = None
+    resumed = False
+
+    def start(self, tags: dict[str, str], extra_params: dict | None = None) -> None:
+        return None
+
+    def logged_steps(self, key: str) -> set[int]:
+        return set()
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_model(self, model, input_example) -> None:
+        pass
+
+    def __enter__(self) -> NoTracking:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
         return False
 
 
@@ -332,3 +450,198 @@ class SweepParentRun(_HydraCallback):
             self.client.set_terminated(self.run_id, status)
             self.run_id = None
             os.environ.pop(PARENT_RUN_ENV, None)
+
+
+def _answers(uri: str) -> bool:
+    """A cheap probe while the store is away: an HTTP server's health check, anything else is tried."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+@contextlib.contextmanager
+def _quick_retries():
+    added = {key: value for key, value in _QUICK_RETRIES.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` means the tracking store is away (try later), not that the request was wrong."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError)):
+        return True
+    # MLflow reports a refused connection, a timeout and a 5xx after its retries as these.
+    return isinstance(exc, MlflowException) and exc.error_code in (
+        "INTERNAL_ERROR",
+        "TEMPORARILY_UNAVAILABLE",
+    )
+
+
+def _log_keras_model(uri: str, run_id: str, model, input_example) -> None:
+    import keras
+    import mlflow
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    # A signature rather than `input_example=`: the Keras flavour writes the example before it
+    # creates the model directory, and fails.
+    # A direct call, not predict(): one example cannot be split across a strategy's replicas.
+    signature = infer_signature(
+        input_example, keras.ops.convert_to_numpy(model(input_example, training=False))
+    )
+    with (
+        _fluent_tracking_uri(uri),
+        mlflow.start_run(run_id=run_id, nested=bool(mlflow.active_run())),
+    ):
+        mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            # Pinned here: inferring them loads the model in a subprocess, which costs a minute.
+            pip_requirements=[
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                f"resnet-lab=={__import__('resnet_lab').__version__}",
+            ],
+        )
+
+
+def _apply(client, record: dict, sent_steps: dict | None = None) -> None:
+    """Send one record (metrics, an artifact, or the run's end) to run `record["run_id"]`."""
+    from mlflow.entities import Metric
+
+    run_id = record["run_id"]
+    if "metrics" in record:
+        metrics = record["metrics"]
+        if sent_steps is not None:
+            # A request that timed out may have reached the server: never log a step twice.
+            for key in metrics:
+                if key not in sent_steps:
+                    sent_steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
+            metrics = {k: v for k, v in metrics.items() if record["step"] not in sent_steps[k]}
+        client.log_batch(
+            run_id, metrics=[Metric(k, v, record["timestamp"], record["step"]) for k, v in metrics.items()]
+        )
+    elif "artifact" in record:
+        if Path(record["artifact"]).exists():
+            client.log_artifact(run_id, record["artifact"], record.get("artifact_path"))
+        else:
+            log.warning("%s is gone: not logged to MLflow run %s", record["artifact"], run_id)
+    elif "model" in record:
+        if not Path(record["model"]).is_file():
+            log.warning("%s is gone: no model logged to MLflow run %s", record["model"], run_id)
+            return
+        import keras
+        import numpy as np
+
+        import resnet_lab.models  # noqa: F401  registers the custom layers a saved model refers to
+
+        model = keras.saving.load_model(record["model"], compile=False)
+        example = np.zeros((1, *model.input_shape[1:]), dtype="float32")
+        _log_keras_model(client.tracking_uri, run_id, model, example)
+    elif "status" in record:
+        if record.get("failure"):
+            client.set_tag(run_id, "resnet_lab.failure", record["failure"])
+        client.set_terminated(run_id, record["status"], end_time=record.get("end_time"))
+
+
+def replay_unsent(path: str | os.PathLike, client=None, *, finish: bool = True) -> int:
+    """Send the records of a fallback file to their MLflow runs, oldest first.
+
+    Sent records leave the file, which is removed once empty; on a failure the rest stays for next time.
+    Each run gets the `resnet_lab.tracking_outage` tag saying how many records came late.
+
+    Args:
+        path: an `mlflow_unsent.jsonl` that `RunTracker` wrote.
+        client: an `MlflowClient`; one for the URI recorded in the file when None.
+        finish: also apply the runs' recorded ends (FINISHED, FAILED, KILLED); a live run catching up
+            drops them.
+
+    Returns:
+        The number of records sent.
+    """
+    path = Path(path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            # Only the last line can be cut short, by a kill during the write.
+            log.warning("%s:%d is not a complete record: skipped", path, number)
+    if client is None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=records[0]["tracking_uri"]) if records else None
+    sent_steps: dict[str, dict] = {}
+    late: dict[str, int] = {}
+    sent = 0
+    try:
+        for record in records:
+            if "status" not in record:
+                _apply(client, record, sent_steps.setdefault(record["run_id"], {}))
+                late[record["run_id"]] = late.get(record["run_id"], 0) + 1
+            elif finish:
+                _apply(client, record)
+            sent += 1
+        for run_id, count in late.items():
+            client.set_tag(run_id, OUTAGE_TAG, f"{count} records logged late from {UNSENT_FILE}")
+    except Exception:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in records[sent:]))
+        os.replace(tmp, path)
+        raise
+    path.unlink()
+    return sent
+
+
+@cli
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m resnet_lab.tracking replay FILE [--uri URI]`: send what a run could not.
+
+    Args:
+        argv: the arguments after the program name; `sys.argv[1:]` when None.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m resnet_lab.tracking", description=__doc__.splitlines()[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    replay = commands.add_parser("replay", help=f"send a run's {UNSENT_FILE} to its MLflow run")
+    replay.add_argument("file", type=Path)
+    replay.add_argument(
+        "--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else the one recorded in FILE)"
+    )
+    args = parser.parse_args(argv)
+    if not args.file.is_file():
+        raise ConfigError(f"{args.file} not found")
+    uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        first = next((line for line in args.file.read_text().splitlines() if line.strip()), None)
+        uri = json.loads(first)["tracking_uri"] if first else None
+        if uri and ":***@" in uri:
+            raise ConfigError(f"{args.file} records {uri} without its password: pass --uri")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri) if uri else None
+    if uri:
+        check_reachable(uri)
+    count = replay_unsent(args.file, client)
+    print(f"sent {count} records from {args.file} to {mask_password(uri or '')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -40,30 +40,61 @@ def validate(cfg: DictConfig) -> None:
 
     get_arch(cfg.model.name)
     trainer = cfg.trainer
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {cfg.seed!r}")
     for key in ("epochs", "batch_size"):
-        value = trainer[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"trainer.{key} must be a positive integer, got {value!r}")
-    for key in ("steps_per_epoch", "validation_steps"):
-        value = trainer.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise ConfigError(f"trainer.{key} must be a positive integer or null, got {value!r}")
+        _integer(f"trainer.{key}", trainer[key], minimum=1)
+    for key in ("steps_per_epoch", "validation_steps", "logical_cpus"):
+        _integer(f"trainer.{key}", trainer.get(key), minimum=1, optional=True)
+    _integer("trainer.grad_norm_every", trainer.grad_norm_every, minimum=0)
+    for key in ("deterministic", "checkpoint"):
+        _flag(f"trainer.{key}", trainer[key])
+    for key in ("cache", "horizontal_flip"):
+        _flag(f"data.{key}", cfg.data[key])
     _choice("trainer.precision", trainer.precision, PRECISIONS)
     _choice("trainer.jit_compile", trainer.jit_compile, (True, False, "auto"))
     _choice("trainer.distribution", trainer.distribution, DISTRIBUTIONS)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     _choice("schedule.name", cfg.schedule.name, SCHEDULES)
-    if not cfg.optimizer.learning_rate > 0:
-        raise ConfigError(f"optimizer.learning_rate must be positive, got {cfg.optimizer.learning_rate!r}")
-    if cfg.optimizer.weight_decay < 0:
-        raise ConfigError(f"optimizer.weight_decay must be >= 0, got {cfg.optimizer.weight_decay!r}")
-    if not 0 <= trainer.label_smoothing < 1:
-        raise ConfigError(f"trainer.label_smoothing must be in [0, 1), got {trainer.label_smoothing!r}")
-    if cfg.schedule.warmup_epochs < 0 or cfg.schedule.warmup_epochs >= trainer.epochs:
-        raise ConfigError(
-            f"schedule.warmup_epochs must be in [0, trainer.epochs={trainer.epochs}), "
-            f"got {cfg.schedule.warmup_epochs!r}"
-        )
+    _number("optimizer.learning_rate", cfg.optimizer.learning_rate, "positive", lambda v: v > 0)
+    _number("optimizer.weight_decay", cfg.optimizer.weight_decay, ">= 0", lambda v: v >= 0)
+    if cfg.optimizer.name == "sgd":
+        _number("optimizer.momentum", cfg.optimizer.momentum, "in [0, 1)", lambda v: 0 <= v < 1)
+    _number("model.bn_momentum", cfg.model.get("bn_momentum", 0.9), "in [0, 1)", lambda v: 0 <= v < 1)
+    _number("trainer.label_smoothing", trainer.label_smoothing, "in [0, 1)", lambda v: 0 <= v < 1)
+    _number(
+        "schedule.warmup_epochs", cfg.schedule.warmup_epochs, f"in [0, trainer.epochs={trainer.epochs})",
+        lambda v: 0 <= v < trainer.epochs,
+    )  # fmt: skip
+    if cfg.schedule.name == "step":
+        _number("schedule.factor", cfg.schedule.factor, "in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def _integer(key: str, value, *, minimum: int, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{key} must be {kind}{' or null' if optional else ''}, got {value!r}")
+
+
+def _number(key: str, value, requirement: str, holds) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not holds(value):
+        raise ConfigError(f"{key} must be {requirement}, got {value!r}")
+
+
+def _flag(key: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Fail with one line when `path` cannot become a directory: it or one of its parents is a file."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file")
+            return
 
 
 def _choice(key: str, value, choices) -> None:
@@ -95,6 +126,7 @@ def make_strategy(cfg: DictConfig):
         else:
             choice = "one_device"
     if choice == "multi_worker":
+        _let_keras_fit_on_several_workers()
         return tf.distribute.MultiWorkerMirroredStrategy()
     if choice == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
@@ -115,6 +147,63 @@ def resolve_jit_compile(setting, replicas: int) -> bool:
     if setting == "auto":
         return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
     return bool(setting)
+
+
+def worker_task() -> tuple[str, int] | None:
+    """This process's task in a `TF_CONFIG` cluster, as (type, index); None outside one."""
+    if not os.environ.get("TF_CONFIG"):
+        return None
+    task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
+    return str(task.get("type", "worker")), int(task.get("index", 0))
+
+
+def is_chief() -> bool:
+    """Whether this process records the run: always outside a cluster; in one, TF's chief.
+
+    That is the `chief` task, else worker 0 (as TF's `multi_worker_util.is_chief` decides).
+    """
+    task = worker_task()
+    if task is None:
+        return True
+    cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
+    return task[0] == "chief" or (task == ("worker", 0) and "chief" not in cluster)
+
+
+def _let_keras_fit_on_several_workers() -> None:
+    """Work around Keras 3's TF trainer under MultiWorkerMirroredStrategy (keras-team/keras#20585).
+
+    `fit` MEAN-reduces a whole distributed batch across workers only to learn its shapes, and reduces
+    each scalar log along an axis 0 it does not have: both fail. One worker's local batch has the shapes;
+    the logs are reduced as scalars. Remove once Keras handles the strategy itself.
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    if getattr(tf_trainer, "_resnet_lab_multi_worker", False):
+        return
+
+    def maybe_symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None:
+            return
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tree.map_structure(
+                    lambda v: self.distribute_strategy.experimental_local_results(v)[0], next(batches)
+                )
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    reduce_per_replica = tf_trainer.reduce_per_replica
+
+    def reduce_scalars_across_workers(values, strategy, reduction):
+        if tf_trainer._collective_all_reduce_multi_worker(strategy) and reduction in ("auto", "mean"):
+            return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
+        return reduce_per_replica(values, strategy, reduction)
+
+    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
+    tf_trainer.reduce_per_replica = reduce_scalars_across_workers
+    tf_trainer._resnet_lab_multi_worker = True
 
 
 def make_optimizer(cfg: DictConfig, steps_per_epoch: int):
@@ -177,10 +266,15 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     from resnet_lab.models import build_from_config, count_macs, count_params, get_arch
 
     output_dir = Path(output_dir) if output_dir is not None else run_dir(cfg)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output directory {str(output_dir)!r} is a file")
+    check_output_dir(output_dir, "output directory")
     spec = data_lib.data_spec(cfg)
-    tracker = tracking.RunTracker.for_training(cfg, output_dir)
+    if is_chief():
+        tracker = tracking.RunTracker.for_training(cfg, output_dir)
+    else:
+        # The chief records the run; the other workers keep their checkpoints apart, to resume with it.
+        task_type, index = worker_task()
+        output_dir = output_dir / f"{task_type}-{index}"
+        tracker = tracking.NoTracking()
 
     keras.utils.set_random_seed(int(cfg.seed))
     if cfg.trainer.deterministic:
@@ -195,8 +289,9 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                 f"trainer.batch_size {cfg.trainer.batch_size} is not divisible by the {replicas} replicas"
             )
         train_ds, train_steps = _split(
-            data_lib, spec, "train", cfg, cfg.trainer.steps_per_epoch, training=True
-        )
+            data_lib, spec, "train", cfg, cfg.trainer.steps_per_epoch, training=True,
+            skip_epochs=_finished_epochs(output_dir) if cfg.trainer.checkpoint else 0,
+        )  # fmt: skip
         val_ds, val_steps = _split(
             data_lib, spec, "validation", cfg, cfg.trainer.validation_steps, training=False
         )
@@ -212,9 +307,12 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                 replicas=replicas,
             )
         smoothing = float(cfg.trainer.label_smoothing)
+        # Its own dataset: a second iterator over train_ds would shift the training iterator's shuffles.
+        probe_ds = data_lib.make_dataset("train", cfg, training=False)
         if smoothing:
-            train_ds, val_ds = (
-                ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes))) for ds in (train_ds, val_ds)
+            train_ds, val_ds, probe_ds = (
+                ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes)))
+                for ds in (train_ds, val_ds, probe_ds)
             )
         params, macs = count_params(model), count_macs(model)
 
@@ -232,7 +330,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                     "replicas": replicas,
                 },
             )
-            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            tracker.log_text(tracking.masked_yaml(cfg), "config.yaml")
             tracker.log_text(_summary_text(model), "model_summary.txt")
             output_dir.mkdir(parents=True, exist_ok=True)
             batches_per_epoch = train_steps or spec.num_batches(
@@ -242,7 +340,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             callbacks = [
                 keras.callbacks.TerminateOnNaN(),
                 epoch_metrics,
-                GradientNorms(train_ds, tracker, every=int(cfg.trainer.grad_norm_every)),
+                GradientNorms(probe_ds, tracker, every=int(cfg.trainer.grad_norm_every)),
                 MlflowLogger(tracker, output_dir / "history.csv"),
             ]
             if cfg.trainer.checkpoint:
@@ -284,7 +382,15 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _split(data_lib, spec, split, cfg, steps, *, training):
+def _finished_epochs(output_dir: Path) -> int:
+    """The epochs that `BackupAndRestore` in `output_dir` will restore: 0 for a fresh run."""
+    try:
+        return int(json.loads((output_dir / "backup" / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _split(data_lib, spec, split, cfg, steps, *, training, skip_epochs=0):
     batches = spec.num_batches(split, cfg.trainer.batch_size, training=training)
     if batches < 1:
         raise ConfigError(
@@ -292,6 +398,11 @@ def _split(data_lib, spec, split, cfg, steps, *, training):
             f"{split} examples of {cfg.data.name}"
         )
     dataset = data_lib.make_dataset(split, cfg, training=training)
+    if training:
+        # One stream over every epoch, so that a resumed run skips the batches the killed run consumed
+        # and sees, with trainer.deterministic, those an uninterrupted run would have seen.
+        steps = int(steps or batches)
+        return dataset.repeat().skip(skip_epochs * steps), steps
     if steps:
         # Keras keeps one iterator across epochs when it is given a step count: it must not run dry.
         return dataset.repeat(), int(steps)
@@ -379,6 +490,54 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def check_command_line(argv: list[str]) -> None:
+    """Compose conf/ with a Hydra command line before Hydra runs, so that a typo costs one line.
+
+    Hydra reports an unknown key or group option on several lines with exit status 1, and an unusable
+    output directory with a traceback. A sweep over a config group (model=resnet34,plain34) has each
+    option checked; other sweeps are checked with their first value, since `validate` checks values.
+
+    Raises:
+        ConfigError: an override Hydra cannot apply, or a run or sweep directory under a file.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from resnet_lab.config import conf_dir
+
+    args = get_args_parser().parse_args(argv)
+    if args.config_path or args.config_name or args.config_dir:
+        return  # another primary config: left to Hydra
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            overrides = OverridesParser.create().parse_overrides(args.overrides)
+            first = [
+                f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+                if o.is_sweep_override()
+                else o.input_line
+                for o in overrides
+            ]
+            cfg = compose("config", overrides=first, return_hydra_config=True)
+            for index, override in enumerate(overrides):
+                group = override.key_or_group
+                if override.is_sweep_override() and ("/" in group or (conf_dir() / group).is_dir()):
+                    for value in override.sweep_string_iterator():
+                        choice = f"{override.get_key_element()}={value}"
+                        compose("config", overrides=[*first[:index], choice, *first[index + 1 :]])
+            key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+            check_output_dir(Path(OmegaConf.select(cfg, key)), key)
+    except (HydraException, OmegaConfBaseException) as exc:
+        # Hydra appends where it looked for configs: noise for a typo.
+        raise ConfigError(" ".join(str(exc).split()).split(" Config search path:")[0]) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
 def main() -> None:
     """`--params FILE ...` runs the DVC stage; anything else is Hydra's command line."""
     # A scheduler's or DVC's SIGTERM ends the MLflow run as KILLED, like Ctrl-C.
@@ -390,6 +549,7 @@ def main() -> None:
 
     from resnet_lab.config import conf_dir
 
+    cli(check_command_line)(sys.argv[1:])
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(cli(_hydra_main))
     app()
 

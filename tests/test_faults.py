@@ -1,0 +1,324 @@
+"""Faults done for real: a tracking server that goes away mid-run, a damaged prepared dataset, a kill -9.
+
+The MLflow server here can be killed and started again on the same port and store, which the
+`mlflow_server` fixture of conftest cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from conftest import TINY, free_port, path_overrides
+from resnet_lab import tracking
+from resnet_lab.callbacks import MlflowLogger
+from resnet_lab.config import compose
+from resnet_lab.train import train
+
+HISTORY = ["loss", "accuracy", "val_loss", "val_accuracy"]
+
+
+def _quiet_tf() -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend, in its own process group.
+
+    `kill()` takes it away at once (SIGKILL to the whole group: uvicorn runs in a child process);
+    `start()` brings it back on the same port and store. MLflow 3's job runner is switched off: the
+    tests need none of it, and its consumers outlive a terminated server.
+    """
+
+    def __init__(self, store: Path):
+        self.store = store
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        store.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout_s: float = 120) -> MlflowServer:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.store}/mlflow.db",
+                "--artifacts-destination",
+                str(self.store / "artifacts"),
+            ],  # fmt: skip
+            cwd=self.store,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server on {self.uri} did not start")
+            time.sleep(0.3)
+        return self
+
+    def answers(self) -> bool:
+        try:
+            return requests.get(f"{self.uri}/health", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM, wait_s=20)
+
+    def _signal(self, signum: int, wait_s: float = 10) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signum)
+            self.process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+        # The group's other members (uvicorn) go with SIGKILL; a SIGTERM'd parent may leave them.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = MlflowServer(tmp_path / "server").start()
+    yield server
+    server.stop()
+
+
+def test_a_tracking_server_outage_loses_no_metric(tiny_cfg, tmp_path, server, monkeypatch, caplog):
+    """Gone after epoch 1, back after epoch 2 (caught up by itself), gone after epoch 3 (replayed by hand)."""
+    cfg = tiny_cfg(f"tracking.uri={server.uri}", "trainer.epochs=4", "trainer.grad_norm_every=0")
+    log_epoch = MlflowLogger.on_epoch_end
+    outage_s = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        started = time.monotonic()
+        log_epoch(self, epoch, logs)
+        if epoch > 0:
+            outage_s.append(time.monotonic() - started)
+        if epoch in (0, 2):
+            server.kill()
+        elif epoch == 1:
+            server.start()
+
+    monkeypatch.setattr(MlflowLogger, "on_epoch_end", on_epoch_end)
+    with caplog.at_level(logging.WARNING, logger="resnet_lab.tracking"):
+        metrics = train(cfg)  # goes on, and ends normally
+
+    run_dir = tmp_path / "models" / "resnet8-0"
+    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3, 4]
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 4
+    # MLflow's own retries would hold each epoch for minutes.
+    assert max(outage_s) < 20, outage_s
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("unreachable" in w and tracking.UNSENT_FILE in w for w in warnings), warnings
+    assert any("stays RUNNING" in w for w in warnings), warnings
+
+    unsent = run_dir / tracking.UNSENT_FILE
+    records = [json.loads(line) for line in unsent.read_text().splitlines()]
+    assert {r["run_id"] for r in records} == {metrics["mlflow_run_id"]}
+    assert [r["step"] for r in records if "loss" in r.get("metrics", {})] == [4]
+    assert {Path(r["artifact"]).name for r in records if "artifact" in r} == {
+        "history.csv", "learning_curve.png", "summary.json",
+    }  # fmt: skip
+    assert records[-1]["status"] == "FINISHED"
+    assert all(r["tracking_uri"] == server.uri for r in records)
+
+    server.start()
+    client = MlflowClient(tracking_uri=server.uri)
+    run_id = metrics["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "RUNNING"
+    tracking.main(["replay", str(unsent)])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert "train_time_s" in run.data.metrics
+    assert "records logged late" in run.data.tags[tracking.OUTAGE_TAG]
+    assert {"history.csv", "learning_curve.png", "summary.json"} <= {
+        a.path for a in client.list_artifacts(run_id)
+    }
+    assert not unsent.exists()
+
+    # A model, and a last line cut short by a kill; a replay that fails keeps every record for the next.
+    test_error = {"metrics": {"test_error": 0.5}, "step": 4, "timestamp": 0}
+    model = {"model": str(run_dir / "model.keras")}
+    lines = [{"run_id": run_id, **record, "tracking_uri": server.uri} for record in (test_error, model)]
+    unsent.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"run_id": "cut sh')
+    server.kill()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException, match="Connection refused"):
+        tracking.replay_unsent(unsent)
+    assert [json.loads(line) for line in unsent.read_text().splitlines()] == lines
+    server.start()
+    assert tracking.replay_unsent(unsent) == 2
+    assert [m.value for m in client.get_metric_history(run_id, "test_error")] == [0.5]
+    experiment = client.get_run(run_id).info.experiment_id
+    assert [m.source_run_id for m in client.search_logged_models(experiment_ids=[experiment])] == [run_id]
+    assert not unsent.exists()
+
+
+def test_replay_refuses_a_uri_without_its_password(tmp_path, capsys):
+    unsent = tmp_path / tracking.UNSENT_FILE
+    unsent.write_text(
+        json.dumps({"run_id": "x", "status": "FINISHED", "tracking_uri": "https://u:***@h"}) + "\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        tracking.main(["replay", str(unsent)])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {unsent} records https://u:***@h without its password: pass --uri"
+    )
+
+
+def _prepared_copy(digits_root: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(digits_root / "prepared", data / "prepared")
+    (data / "tfds").symlink_to(digits_root / "tfds")
+    return data
+
+
+def test_a_truncated_split_index_fails_the_train_cli_on_one_line(digits_root, tmp_path):
+    data = _prepared_copy(digits_root, tmp_path)
+    index = data / "prepared" / "train_indices.npy"
+    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_lab.train", *TINY, *path_overrides(data, tmp_path),
+         f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path, env=_quiet_tf(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert errors[0].startswith(f"error: split index file {index} is corrupted: sha256 ")
+    assert errors[0].endswith("rerun the prepare stage")
+    assert not (tmp_path / "models").exists()
+    assert not (tmp_path / "run" / "mlflow_run.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "validation_indices.npy").unlink(), "validation_indices.npy cannot be read"),
+        (
+            lambda d: (d / "dataset.json").write_text('{"format_version": 2, "na'),
+            "is not a valid dataset description",
+        ),
+        (lambda d: (d / "dataset.json").write_text('{"format_version": 2}'), "lacks name, version"),
+    ],
+    ids=["missing index file", "truncated description", "description without fields"],
+)
+def test_a_damaged_prepared_dataset_fails_the_stage_on_one_line(
+    digits_root, tmp_path, capsys, damage, message
+):
+    from resnet_lab.train import stage_main
+
+    data = _prepared_copy(digits_root, tmp_path)
+    damage(data / "prepared")
+    params = tmp_path / "params.yaml"
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(compose([*TINY, *path_overrides(data, tmp_path)]), params)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main(["--params", str(params)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_truncated_tfds_shard_fails_on_one_line(digits_root, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from resnet_lab.train import stage_main
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_root / "prepared", data / "prepared")
+    shutil.copytree(digits_root / "tfds", data / "tfds")
+    (shard,) = (data / "tfds").glob("digits/*/digits-train.tfrecord-*")
+    os.truncate(shard, shard.stat().st_size // 2)
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(compose([*TINY, *path_overrides(data, tmp_path)]), params)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main(["--params", str(params)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and shard.name in err, err
+
+
+# Kills its own process with SIGKILL in the middle of epoch 3 (after two epochs were backed up): a real
+# kill -9 at a point that does not depend on timing.
+_KILLED_MID_EPOCH = """
+import os, signal, sys
+import keras
+from resnet_lab.config import compose
+from resnet_lab.train import train
+
+class KillInEpoch3(keras.callbacks.TerminateOnNaN):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if self.epoch == 2 and batch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+keras.callbacks.TerminateOnNaN = KillInEpoch3
+train(compose(sys.argv[2:]), output_dir=sys.argv[1])
+"""
+
+
+def test_a_deterministic_run_killed_and_resumed_ends_like_an_uninterrupted_one(digits_root, tmp_path):
+    overrides = [
+        *TINY, *path_overrides(digits_root, tmp_path), "trainer.deterministic=true", "trainer.epochs=3",
+        "trainer.steps_per_epoch=4", "trainer.grad_norm_every=1",
+    ]  # fmt: skip
+    straight = train(compose(overrides), output_dir=tmp_path / "straight")
+
+    resumed_dir = tmp_path / "resumed"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_EPOCH, str(resumed_dir), *overrides],
+        cwd=tmp_path, env=_quiet_tf(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert json.loads((resumed_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 2
+    resumed = train(compose(overrides), output_dir=resumed_dir)
+
+    assert resumed["mlflow_run_id"] != straight["mlflow_run_id"]
+    histories = [pd.read_csv(tmp_path / name / "history.csv") for name in ("straight", "resumed")]
+    assert list(histories[1]["epoch"]) == [1, 2, 3]
+    pd.testing.assert_frame_equal(histories[0][HISTORY], histories[1][HISTORY])
