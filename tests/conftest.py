@@ -46,6 +46,7 @@ def path_overrides(data_root: Path, work: Path) -> list[str]:
         f"paths.data_dir={data_root}/tfds",
         f"paths.prepared_dir={data_root}/prepared",
         f"paths.models_dir={work}/models",
+        f"paths.checkpoints_dir={work}/checkpoints",
         f"paths.metrics_dir={work}/metrics",
         f"paths.reports_dir={work}/reports",
         f"tracking.uri=sqlite:///{work}/mlflow.db",

@@ -28,7 +28,8 @@ T, P = stage_main, prepare.main
 # fmt: off
 STAGE_CASES = [
     ("unknown model", T, ["model.name=resnet9"], "unknown model 'resnet9'; choose one of"),
-    ("dataset not prepared", T, ["data.name=cifar11"], "but data.name is 'cifar11'"),
+    ("unknown dataset (train)", T, ["data.name=cifar11"], "unknown dataset data.name='cifar11'; did you"),
+    ("dataset not prepared", T, ["data.name=cifar100"], "cifar100/dataset.json not found: prepare cifar100"),
     ("unknown dataset", P, ["data.name=cifar11"], "unknown dataset data.name='cifar11'"),
     ("unknown optimizer", T, ["optimizer.name=rmsprop"], "unknown optimizer.name 'rmsprop'; choose"),
     ("unknown schedule", T, ["schedule.name=poly"], "unknown schedule.name 'poly'"),

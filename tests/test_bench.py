@@ -288,3 +288,22 @@ def test_ours_against_keras_resnet50_under_keras_defaults(tmp_path):
     (row,) = report["comparisons"]["keras_reference"]
     assert row["ratio"] == pytest.approx(ours["images_per_sec"] / reference["images_per_sec"])
     assert row["goal"] == 2.0 and row["baseline_jit_compile"] is False
+
+
+def test_pipeline_only_times_make_dataset_for_each_image_and_batch_size(digits_root, tmp_path, capsys):
+    output = tmp_path / "pipeline.json"
+    main(
+        ["--pipeline-only", "--image-size", "8", "32", "--batch-size", "16", "--steps", "3",
+         "--warmup-steps", "1", "--output", str(output), *path_overrides(digits_root, tmp_path)]
+    )  # fmt: skip
+    report = json.loads(output.read_text())
+    assert report["kind"] == "pipeline" and report["dataset"] == "digits"
+    assert [(c["image_size"], c["input_shape"]) for c in report["cases"]] == [
+        (8, [8, 8, 1]),
+        (32, [32, 32, 1]),
+    ]
+    for case in report["cases"]:
+        assert case["batches"] == 3 and case["seconds"] > 0
+        assert case["images_per_sec"] == pytest.approx(3 * 16 / case["seconds"])
+    table = capsys.readouterr().out
+    assert "input pipeline alone" in table and "| 32x32x1 | 16 |" in table

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from resnet_lab.config import compose
 from resnet_lab.data import data_spec, dataset_info, make_dataset
 from resnet_lab.errors import ConfigError, DataError
-from resnet_lab.prepare import main, prepare
+from resnet_lab.prepare import ensure_prepared, main, prepare
 
 DIGITS_TRAIN, DIGITS_TEST = 1437, 360
 
@@ -103,7 +103,7 @@ def test_digits_builder_writes_official_stratified_tfds_splits(digits_root):
 
 
 def test_prepare_records_a_stratified_index_split_and_train_statistics(digits_root):
-    prepared = digits_root / "prepared"
+    prepared = digits_root / "prepared" / "digits"
     info = json.loads((prepared / "dataset.json").read_text())
 
     assert sorted(path.name for path in prepared.iterdir()) == [
@@ -217,12 +217,12 @@ def test_same_seed_same_split_and_batches_other_seed_another_split(digits_root, 
     prepare(again)
     prepare(other)
 
-    first = digits_root / "prepared"
+    first = digits_root / "prepared" / "digits"
     for name in ("train_indices.npy", "validation_indices.npy", "dataset.json"):
-        assert (tmp_path / "again" / "prepared" / name).read_bytes() == (first / name).read_bytes()
+        assert (tmp_path / "again" / "prepared" / "digits" / name).read_bytes() == (first / name).read_bytes()
     assert not np.array_equal(
         np.load(first / "validation_indices.npy"),
-        np.load(tmp_path / "other" / "prepared" / "validation_indices.npy"),
+        np.load(tmp_path / "other" / "prepared" / "digits" / "validation_indices.npy"),
     )
     first_batch = [next(iter(make_dataset("train", again, training=True)))[0].numpy() for _ in range(2)]
     assert np.array_equal(*first_batch)
@@ -337,17 +337,39 @@ def test_prepare_cli_writes_the_prepared_dir(digits_root, tmp_path, capsys):
     main(["--params", str(params), "data.split_seed=1"])
 
     assert "prepared digits 1.0.0" in capsys.readouterr().out
-    assert json.loads((tmp_path / "prepared" / "dataset.json").read_text())["seed"] == 1
+    assert json.loads((tmp_path / "prepared" / "digits" / "dataset.json").read_text())["seed"] == 1
+
+
+def test_a_hydra_run_prepares_what_is_missing_or_split_otherwise_and_refuses_what_is_damaged(
+    digits_root, tmp_path
+):
+    def cfg(*overrides):
+        made = make_cfg(tmp_path, *overrides)
+        made.paths.data_dir = str(digits_root / "tfds")
+        return made
+
+    description = tmp_path / "prepared" / "digits" / "dataset.json"
+    info = ensure_prepared(cfg())
+    assert json.loads(description.read_text()) == info
+    written = description.stat().st_mtime_ns
+    assert ensure_prepared(cfg()) == info and description.stat().st_mtime_ns == written
+    assert ensure_prepared(cfg("data.split_seed=5"))["seed"] == 5
+    assert json.loads(description.read_text())["seed"] == 5
+
+    index = tmp_path / "prepared" / "digits" / "train_indices.npy"
+    index.write_bytes(index.read_bytes()[:-8])
+    with pytest.raises(DataError, match=re.escape(f"split index file {index} is corrupted")):
+        ensure_prepared(cfg("data.split_seed=5"))
 
 
 def test_a_new_prepared_dir_replaces_a_stale_one_whole(digits_copy):
-    stale_file = digits_copy / "prepared" / "stale.txt"
+    stale_file = digits_copy / "prepared" / "digits" / "stale.txt"
     stale_file.write_text("from an older run")
 
     prepare(make_cfg(digits_copy, "data.split_seed=3"))
 
     assert not stale_file.exists()
-    assert json.loads((digits_copy / "prepared" / "dataset.json").read_text())["seed"] == 3
+    assert json.loads((digits_copy / "prepared" / "digits" / "dataset.json").read_text())["seed"] == 3
     assert sorted(path.name for path in digits_copy.iterdir()) == ["prepared", "tfds"]
 
 
@@ -368,14 +390,15 @@ def test_a_new_prepared_dir_replaces_a_stale_one_whole(digits_copy):
 )
 def test_damaged_prepared_files_raise_data_error_naming_the_file(digits_copy, damage, file):
     cfg = make_cfg(digits_copy)
-    damage(digits_copy / "prepared" / file)
+    damage(digits_copy / "prepared" / "digits" / file)
 
     for read in (lambda: dataset_info(cfg), lambda: make_dataset("train", cfg, training=True)):
-        with pytest.raises(DataError, match=re.escape(str(digits_copy / "prepared" / file))):
+        with pytest.raises(DataError, match=re.escape(str(digits_copy / "prepared" / "digits" / file))):
             read()
 
 
 def test_a_description_for_another_dataset_or_a_bad_split_is_refused(digits_copy):
+    shutil.copytree(digits_copy / "prepared" / "digits", digits_copy / "prepared" / "cifar10")
     with pytest.raises(DataError, match="describes 'digits', but data.name is 'cifar10'"):
         dataset_info(make_cfg(digits_copy, "data.name=cifar10"))
     with pytest.raises(ConfigError, match="unknown split 'valid'"):

@@ -64,7 +64,7 @@ def repo(tmp_path_factory) -> Path:
     _dvc("init", "-q", cwd=repo)
     shutil.copy(ROOT / ".dvc" / "config", repo / ".dvc" / "config")
     shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
-    (repo / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
+    shutil.copy(ROOT / ".gitignore", repo / ".gitignore")
     _compose_params(repo)
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "smoke pipeline"], repo)
@@ -153,32 +153,34 @@ def test_exp_run_set_param_reruns_only_what_it_affects(repo):
 
 
 @pytest.mark.slow
-def test_a_killed_repro_reruns_only_the_interrupted_stage(repo):
+def test_a_killed_repro_resumes_the_interrupted_stage_and_only_that(repo):
     # Longer epochs so that the kill lands inside train@resnet8-0, after train@plain8-0 has finished.
     params = OmegaConf.load(repo / "params.yaml")
     params.trainer.steps_per_epoch = None
     params.trainer.epochs = 3
     OmegaConf.save(params, repo / "params.yaml")
-    started = time.time()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     process = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro"], cwd=repo, env=env, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    history = repo / "models" / "resnet8-0" / "history.csv"
+    work = repo / "checkpoints" / "resnet8-0"
+    backed_up = work / "backup" / "training_metadata.json"
     deadline = time.monotonic() + 300
-    while not (history.is_file() and history.stat().st_mtime > started):
+    while not (backed_up.is_file() and backed_up.read_text()):
         assert process.poll() is None, "dvc repro ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    run_id = json.loads((work / "mlflow_run.json").read_text())["run_id"]
+    assert _client(repo).get_run(run_id).info.status == "RUNNING"
 
     status = json.loads(_dvc("status", "--json", cwd=repo).stdout)
     assert "train@resnet8-0" in status and "train@plain8-0" not in status
     lock = OmegaConf.load(repo / "dvc.lock")
     assert lock.stages["train@plain8-0"].params["params.yaml"].trainer.epochs == 3
-    # The interrupted stage's half-written output was not recorded, so it is not taken for a result.
+    # The interrupted stage's output was not recorded, so it is not taken for a result.
     assert lock.stages["train@resnet8-0"].params["params.yaml"].trainer.epochs == 2
 
     result = _dvc("repro", cwd=repo)
@@ -186,3 +188,30 @@ def test_a_killed_repro_reruns_only_the_interrupted_stage(repo):
     assert {"train@resnet8-0", "evaluate@resnet8-0", "compare"} <= ran
     assert not {"prepare", "train@plain8-0"} & ran
     assert json.loads(_dvc("status", "--json", cwd=repo).stdout) == {}
+    # The stage resumed from its checkpoint: the same MLflow run, each epoch once.
+    summary = json.loads((repo / "models" / "resnet8-0" / "summary.json").read_text())
+    assert summary["mlflow_run_id"] == run_id
+    run = _client(repo).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resnet_lab.resumed"] == "true"
+    assert [m.step for m in _client(repo).get_metric_history(run_id, "loss")] == [1, 2, 3]
+    assert not work.exists()
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_pulls_everything_from_a_dvc_remote_and_is_up_to_date(repo, tmp_path):
+    """Data and models shared through a DVC remote (a local directory here; S3 with `dvc-s3` the same way)."""
+    _dvc("remote", "add", "--default", "shared", str(tmp_path / "remote"), cwd=repo)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "commit", "-qm", "shared remote", "--allow-empty"], repo)
+    _dvc("push", cwd=repo)
+
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "models" / "resnet8-0").exists()
+    _dvc("pull", cwd=clone)
+    for model in ("plain8", "resnet8"):
+        assert (clone / "models" / f"{model}-0" / "model.keras").is_file()
+    assert json.loads(_dvc("status", "--json", cwd=clone).stdout) == {}
+    result = _dvc("repro", cwd=clone)
+    assert "Data and pipelines are up to date." in result.stdout
+    assert "Running stage" not in result.stdout

@@ -85,7 +85,11 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["mlflow_run_id"] == run.info.run_id and summary["family"] == "residual"
     assert summary["final"]["val_error"] == pytest.approx(metrics["val_error"])
-    assert not (run_dir / "backup").exists()  # BackupAndRestore removes its checkpoint after a full run
+    assert sorted(path.name for path in run_dir.iterdir()) == [
+        "history.csv", "learning_curve.png", "mlflow_run.json", "model.keras", "summary.json",
+    ]  # fmt: skip
+    # The stage worked and checkpointed outside its DVC output, and tidied up once it was published.
+    assert not (tmp_path / "checkpoints" / "resnet8-0").exists()
 
     assert "MLFLOW_TRACKING_URI" not in os.environ  # logging the model leaves no global behind
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
@@ -201,6 +205,29 @@ def test_a_killed_run_resumes_its_epoch_and_its_mlflow_run(digits_root, tmp_path
     assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3, 4]
     experiment = client.get_experiment_by_name("resnet-lab")
     assert len(client.search_runs([experiment.experiment_id])) == 1
+
+
+def test_a_stage_resumes_only_a_checkpoint_of_its_own_configuration(tiny_cfg, tmp_path):
+    from resnet_lab.tracking import masked_yaml
+
+    cfg = tiny_cfg()
+    first = train(cfg)["mlflow_run_id"]
+    work = tmp_path / "checkpoints" / "resnet8-0"
+
+    def killed_stage(config) -> None:
+        """What a stage killed in its first epoch leaves in its work directory."""
+        work.mkdir(parents=True)
+        (work / "mlflow_run.json").write_text(json.dumps({"run_id": first}))
+        (work / "config.yaml").write_text(masked_yaml(config))
+
+    killed_stage(cfg)
+    assert train(cfg)["mlflow_run_id"] == first
+    killed_stage(cfg)
+    other = train(tiny_cfg("optimizer.learning_rate=0.05"))["mlflow_run_id"]
+    assert other != first
+    runs = _client(cfg).search_runs([_client(cfg).get_experiment_by_name("resnet-lab").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted([first, other])
+    assert [m.step for m in _client(cfg).get_metric_history(first, "loss")] == [1]
 
 
 def test_sigterm_ends_the_run_killed(digits_root, tmp_path):

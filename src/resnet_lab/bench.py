@@ -2,6 +2,7 @@
 
     python -m resnet_lab.bench --models resnet34 plain34 resnet50 --image-size 32 --batch-size 64 \\
         --jit-compile on off --input pipeline memory --keras-reference --mlflow
+    python -m resnet_lab.bench --pipeline-only --image-size 32 224 --batch-size 128   # no model
 
 Each case trains with Keras `fit` and the compile settings of `train(cfg)`; a callback reads every step's
 loss, which waits for the step to finish (on a GPU the call only queues the kernels), and stamps the
@@ -340,6 +341,67 @@ def _bench(settings: Settings, plan: _Plan) -> dict:
         "cases": records,
         "comparisons": compare(records),
     }
+
+
+def pipeline_throughput(
+    cfg: DictConfig, *, image_sizes: Sequence[int], batch_sizes: Sequence[int], steps: int, warmup_steps: int
+) -> dict:
+    """Images per second of the input pipeline alone: `make_dataset("train", ...)` with no model behind it.
+
+    The warm-up batches fill the pipeline's cache (the first epoch decodes and resizes); the timed batches
+    are what every later epoch costs. A GPU waits for its input when this is below its training rate.
+
+    Returns:
+        The report `--pipeline-only` writes: `dataset`, `machine` and one record per image and batch size.
+    """
+    from resnet_lab.data import make_dataset
+
+    records = []
+    for size, batch in itertools.product(image_sizes, batch_sizes):
+        case_cfg = OmegaConf.merge(cfg, {"data": {"image_size": size}, "trainer": {"batch_size": batch}})
+        batches = iter(make_dataset("train", case_cfg, training=True).repeat())
+        for _ in range(warmup_steps):
+            next(batches)
+        started = time.perf_counter()
+        for _ in range(steps):
+            images, _labels = next(batches)
+        seconds = time.perf_counter() - started
+        records.append(
+            {
+                "image_size": size,
+                "batch_size": batch,
+                "input_shape": list(images.shape[1:]),
+                "batches": steps,
+                "seconds": seconds,
+                "images_per_sec": steps * batch / seconds,
+            }
+        )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "kind": "pipeline",
+        "dataset": cfg.data.name,
+        "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count()},
+        "settings": {"steps": steps, "warmup_steps": warmup_steps},
+        "cases": records,
+    }
+
+
+def render_pipeline(report: dict) -> str:
+    """`pipeline_throughput`'s report as a Markdown table."""
+    rows = [["image", "batch", "images/s", "ms/batch"], ["---", "---:", "---:", "---:"]]
+    for record in report["cases"]:
+        rows.append(
+            [
+                "x".join(map(str, record["input_shape"])),
+                str(record["batch_size"]),
+                f"{record['images_per_sec']:,.0f}",
+                f"{1000 * record['seconds'] / record['batches']:.2f}",
+            ]
+        )
+    cpus = report["machine"]["cpus"]
+    title = f"input pipeline alone: make_dataset('train') of {report['dataset']}, {cpus} CPUs"
+    return "\n".join([title, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
 def _case_config(cfg: DictConfig, case: Case) -> DictConfig:
@@ -937,6 +999,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--logical-cpus", type=int, help="split the CPU into this many devices and mirror over them")
     add("--output", default="bench.json", help="the JSON report (default: %(default)s)")
     add("--mlflow", action="store_true", help="log the numbers to an MLflow run")
+    add("--pipeline-only", action="store_true",
+        help="time make_dataset alone (no model) for each image and batch size")  # fmt: skip
     return parser
 
 
@@ -960,6 +1024,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         channels=args.channels,
         classes=args.classes,
     )
+    if args.pipeline_only:
+        for name in ("steps", "warmup_steps"):
+            _positive(name.replace("_", "-"), getattr(args, name))
+        for value in (*args.image_size, *args.batch_size):
+            _positive("image-size/--batch-size", value)
+        report = pipeline_throughput(
+            _compose(overrides), image_sizes=args.image_size, batch_sizes=args.batch_size,
+            steps=args.steps, warmup_steps=args.warmup_steps,
+        )  # fmt: skip
+        print(render_pipeline(report))
+        write_json(args.output, report)
+        print(f"report: {args.output}")
+        return
     if args.logical_cpus is not None:
         _positive("logical-cpus", args.logical_cpus)
         overrides.append(f"trainer.logical_cpus={args.logical_cpus}")

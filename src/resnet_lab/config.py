@@ -98,3 +98,11 @@ _ABSENT = object()
 def run_dir(cfg: DictConfig) -> Path:
     """Where a study member's training writes: `<paths.models_dir>/<model.name>-<seed>`."""
     return Path(cfg.paths.models_dir) / f"{cfg.model.name}-{cfg.seed}"
+
+
+def checkpoint_dir(cfg: DictConfig) -> Path:
+    """Where a study member's training works and checkpoints: `<paths.checkpoints_dir>/<model.name>-<seed>`.
+
+    Not a DVC output, which DVC would delete before it reran a killed stage.
+    """
+    return Path(cfg.paths.checkpoints_dir) / f"{cfg.model.name}-{cfg.seed}"

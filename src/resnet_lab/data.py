@@ -8,6 +8,7 @@ evaluation and the throughput benchmark.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import json
@@ -93,12 +94,31 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str, *, decoders=None) 
     return builder.as_dataset(split=split, shuffle_files=False, decoders=decoders, read_config=read_config)
 
 
+def check_dataset_name(name: str) -> None:
+    """Fail on a dataset name TFDS does not know, suggesting close ones.
+
+    Raises:
+        ConfigError: `name` (TFDS's "name/config:version" form) is not in TFDS's catalogue.
+    """
+    known = tfds.list_builders(with_community_datasets=False)
+    base = name.split(":")[0].split("/")[0]
+    if base not in known:
+        close = difflib.get_close_matches(base, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; tfds.list_builders() lists the choices"
+        raise ConfigError(f"unknown dataset data.name={name!r}{hint}")
+
+
+def prepared_dir(cfg: DictConfig) -> Path:
+    """`<paths.prepared_dir>/<data.name>`: each dataset's split and statistics have their own directory."""
+    return Path(cfg.paths.prepared_dir) / cfg.data.name
+
+
 def description_path(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.prepared_dir) / DESCRIPTION_FILE
+    return prepared_dir(cfg) / DESCRIPTION_FILE
 
 
 def dataset_info(cfg: DictConfig) -> dict:
-    """Read `<paths.prepared_dir>/dataset.json` and verify the split index files and TFDS's files.
+    """Read `prepared_dir(cfg)/dataset.json` and verify the split index files and TFDS's files.
 
     Args:
         cfg: the composed configuration (`paths.prepared_dir`, `data.name`).
@@ -112,7 +132,10 @@ def dataset_info(cfg: DictConfig) -> dict:
     """
     path = description_path(cfg)
     if not path.is_file():
-        raise DataError(f"{path} not found: run the prepare stage (python -m resnet_lab.prepare) first")
+        raise DataError(
+            f"{path} not found: prepare {cfg.data.name} first (python -m resnet_lab.prepare "
+            f"data.name={cfg.data.name}, or dvc repro prepare)"
+        )
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -141,18 +164,28 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# (path, size, mtime) of the TFDS files already verified by this process: a run reads the description
+# once per split, and hashing gigabytes of shards each time would cost seconds.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
 def _check_tfds_files(data_dir: Path, files: dict) -> None:
     """TFDS's records carry no checksum of their own: a truncated shard would fail in the middle of fit."""
     for name, expected in files.items():
         path = data_dir / name
         if not path.is_file():
             raise DataError(f"{path} is missing: rerun the prepare stage")
-        size = path.stat().st_size
+        stat = path.stat()
+        size = stat.st_size
+        key = (str(path.resolve()), size, stat.st_mtime_ns)
+        if key in _VERIFIED:
+            continue
         if size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
             raise DataError(
                 f"{path} does not match the checksum in dataset.json ({size} bytes, prepared with "
                 f"{expected['bytes']}): the TFDS data is corrupted; delete it and rerun the prepare stage"
             )
+        _VERIFIED.add(key)
 
 
 _REQUIRED_FIELDS = (
@@ -251,7 +284,7 @@ def make_dataset(split: str, cfg: DictConfig, training: bool) -> tf.data.Dataset
         source_size = info["tfds_splits"][entry["source"]]
         _check_source_size(builder, entry["source"], source_size, cfg.paths.data_dir)
         keep = np.zeros(source_size, dtype=bool)
-        keep[_load_indices(Path(cfg.paths.prepared_dir), entry)] = True
+        keep[_load_indices(prepared_dir(cfg), entry)] = True
         keep = tf.constant(keep)
         examples = examples.enumerate().filter(lambda index, example: keep[index])
         examples = examples.map(lambda index, example: example)

@@ -2,7 +2,8 @@
 
 `python -m resnet_lab.prepare [--params params.yaml] [key=value ...]` builds `data.name` into
 `paths.data_dir` with TFDS's own `download_and_prepare`, splits TFDS's `train` split into train and
-validation (stratified by label, drawn with `data.split_seed`), and writes `paths.prepared_dir`:
+validation (stratified by label, drawn with `data.split_seed`), and writes
+`<paths.prepared_dir>/<data.name>` (`resnet_lab.data.prepared_dir`):
 
 - `train_indices.npy`, `validation_indices.npy`: sorted int64 example indices into TFDS's `train` split
   (see `resnet_lab.data` for what an index means), never copies of the images.
@@ -22,13 +23,12 @@ validation (stratified by label, drawn with `data.split_seed`), and writes `path
 
 The test split is TFDS's `test`, else its `validation` (imagenette), else a stratified
 `data.validation_fraction` of `train` held out before the validation split (tf_flowers; then
-`test_indices.npy` too). The directory is built beside `prepared_dir` and renamed into place, so a
+`test_indices.npy` too). The directory is built beside its final place and renamed into it, so a
 failure leaves the previous one, or none, never a partial one.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import io
 import json
@@ -51,7 +51,17 @@ from tensorflow_datasets.core.download.download_manager import NonMatchingChecks
 
 import resnet_lab.datasets  # noqa: F401  registers the package's TFDS builders (digits)
 from resnet_lab.config import stage_config
-from resnet_lab.data import DESCRIPTION_FILE, FORMAT_VERSION, file_sha256, image_size, read_split
+from resnet_lab.data import (
+    DESCRIPTION_FILE,
+    FORMAT_VERSION,
+    check_dataset_name,
+    dataset_info,
+    description_path,
+    file_sha256,
+    image_size,
+    prepared_dir,
+    read_split,
+)
 from resnet_lab.errors import ConfigError, DataError, cli
 
 OFFLINE_DATASET = "digits"
@@ -81,8 +91,9 @@ def prepare(cfg: DictConfig) -> dict:
     seed = cfg.data.split_seed
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigError(f"data.split_seed must be an integer in [0, 2**32), got {seed!r}")
-    _check_known(name)
+    check_dataset_name(name)
     data_dir = Path(cfg.paths.data_dir)
+    # Under downloads/, which is not a DVC output: a rerun of the prepare stage leaves it alone.
     manual_dir = Path(cfg.data.manual_dir) if cfg.data.manual_dir else data_dir / "downloads" / "manual"
     builder = tfds.builder(name, data_dir=data_dir)
     _check_features(builder)
@@ -139,8 +150,41 @@ def prepare(cfg: DictConfig) -> dict:
         "tfds_files": _tfds_files(builder, data_dir),
     }
     files[DESCRIPTION_FILE] = (json.dumps(description, indent=2) + "\n").encode()
-    _publish(Path(cfg.paths.prepared_dir), files)
+    _publish(prepared_dir(cfg), files)
     return description
+
+
+def ensure_prepared(cfg: DictConfig) -> dict:
+    """The description of `data.name` as `cfg` would prepare it, preparing it first where it is not.
+
+    What a Hydra run (`python -m resnet_lab.train data=cifar10`) does before it trains; the DVC pipeline
+    has its own `prepare` stage. A dataset not prepared yet, or split with another `data.split_seed` or
+    `data.validation_fraction`, is prepared; a damaged one is an error, as in the pipeline. A lock beside
+    the prepared directories keeps the jobs of a parallel sweep from building one dataset twice at once.
+
+    Returns:
+        The description (see `prepare`).
+
+    Raises:
+        DataError: the prepared files fail their checksums (see `resnet_lab.data.dataset_info`).
+    """
+    from filelock import FileLock
+
+    def current() -> dict | None:
+        if not description_path(cfg).is_file():
+            return None
+        info = dataset_info(cfg)
+        same_split = info["seed"] == cfg.data.split_seed and info["validation_fraction"] == float(
+            cfg.data.validation_fraction
+        )
+        return info if same_split else None
+
+    if (info := current()) is not None:
+        return info
+    lock_dir = Path(cfg.paths.prepared_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock_dir / ".prepare.lock"):
+        return current() or prepare(cfg)
 
 
 def _validation_fraction(cfg: DictConfig) -> float:
@@ -148,16 +192,6 @@ def _validation_fraction(cfg: DictConfig) -> float:
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ConfigError(f"data.validation_fraction must be a number in (0, 1), got {fraction!r}")
     return float(fraction)
-
-
-def _check_known(name: str) -> None:
-    known = tfds.list_builders(with_community_datasets=False)
-    # TFDS accepts "name/config:version"; the catalog lists bare names.
-    base = name.split(":")[0].split("/")[0]
-    if base not in known:
-        close = difflib.get_close_matches(base, known, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; tfds.list_builders() lists the choices"
-        raise ConfigError(f"unknown dataset data.name={name!r}{hint}")
 
 
 def _check_features(builder: tfds.core.DatasetBuilder) -> None:
@@ -356,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = stage_config(argv, description="Build the TFDS dataset and its train/validation split.")
     description = prepare(cfg)
     counts = ", ".join(f"{split} {entry['num_examples']}" for split, entry in description["splits"].items())
-    print(f"prepared {description['name']} {description['version']} in {cfg.paths.prepared_dir}: {counts}")
+    print(f"prepared {description['name']} {description['version']} in {prepared_dir(cfg)}: {counts}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab.config import run_dir, stage_config
+from resnet_lab.config import checkpoint_dir, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -36,9 +36,11 @@ class TrainingDiverged(RuntimeError):
 
 def validate(cfg: DictConfig) -> None:
     """Reject a configuration that cannot train, before any work, with one line naming the bad value."""
+    from resnet_lab.data import check_dataset_name
     from resnet_lab.models import get_arch
 
     get_arch(cfg.model.name)
+    check_dataset_name(cfg.data.name)
     trainer = cfg.trainer
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must be an integer in [0, 2**32), got {cfg.seed!r}")
@@ -246,8 +248,10 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
 
     Args:
         cfg: the composed configuration (conf/ or params.yaml).
-        output_dir: where the model, history and checkpoints go; `run_dir(cfg)` when None. A directory
-            that holds an unfinished run's checkpoint resumes it.
+        output_dir: where the model, history and checkpoints go (a Hydra job's directory). A directory
+            that holds an unfinished run's checkpoint resumes it. When None (the DVC stage), the run
+            works in `checkpoint_dir(cfg)`, which is no DVC output, so that a killed stage resumes from
+            it (if its configuration is unchanged), and puts its results in `run_dir(cfg)` at the end.
 
     Returns:
         Final metrics: loss, accuracy, error and their `val_` twins, plus `mlflow_run_id`.
@@ -265,11 +269,18 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     from resnet_lab.callbacks import EpochMetrics, GradientNorms, MlflowLogger
     from resnet_lab.models import build_from_config, count_macs, count_params, get_arch
 
-    output_dir = Path(output_dir) if output_dir is not None else run_dir(cfg)
+    results_dir = None
+    if output_dir is None:
+        results_dir = run_dir(cfg)
+        check_output_dir(results_dir, "output directory")
+        output_dir = checkpoint_dir(cfg)
+    output_dir = Path(output_dir)
     check_output_dir(output_dir, "output directory")
     spec = data_lib.data_spec(cfg)
     if is_chief():
         tracker = tracking.RunTracker.for_training(cfg, output_dir)
+        if results_dir is not None:
+            _discard_other_configs_checkpoint(output_dir, tracking.masked_yaml(cfg))
     else:
         # The chief records the run; the other workers keep their checkpoints apart, to resume with it.
         task_type, index = worker_task()
@@ -377,9 +388,50 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             tracker.log_metrics({"train_time_s": train_time})
             _write_json(output_dir / "summary.json", summary)
             tracker.log_artifact(output_dir / "summary.json")
+        if results_dir is not None and is_chief():
+            _publish_results(output_dir, results_dir)
         return {**summary["final"], "mlflow_run_id": tracker.run_id}
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+
+
+STAGE_CONFIG_FILE = "config.yaml"
+
+
+def _discard_other_configs_checkpoint(work_dir: Path, config_yaml: str) -> None:
+    """Keep the checkpoint in a DVC stage's work directory only if it was made with this configuration.
+
+    DVC reruns a stage when a parameter changed: that run must start afresh, not resume another's epochs.
+    """
+    import shutil
+
+    from resnet_lab import tracking
+
+    recorded = work_dir / STAGE_CONFIG_FILE
+    if work_dir.is_dir() and not (recorded.is_file() and recorded.read_text() == config_yaml):
+        if (work_dir / "backup").exists() or (work_dir / tracking.RUN_ID_FILE).exists():
+            print(f"{work_dir} holds a checkpoint of another configuration: starting afresh", file=sys.stderr)
+        for item in work_dir.iterdir():
+            if item.name != tracking.UNSENT_FILE:  # records for MLflow still to send
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(recorded, config_yaml)
+
+
+def _publish_results(work_dir: Path, results_dir: Path) -> None:
+    """Move a finished stage's results into its DVC output directory, each file whole, then tidy up."""
+    import shutil
+
+    from resnet_lab import tracking
+    from resnet_lab.report import staged_files
+
+    with staged_files(results_dir) as staging:
+        for item in work_dir.iterdir():
+            if item.is_file() and item.name not in (STAGE_CONFIG_FILE, tracking.UNSENT_FILE):
+                shutil.copy2(item, staging / item.name)
+    if (work_dir / tracking.UNSENT_FILE).exists():
+        return  # kept with the file for `python -m resnet_lab.tracking replay`
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _finished_epochs(output_dir: Path) -> int:
@@ -461,8 +513,12 @@ def _plot_learning_curve(history_csv: Path, png: Path, title: str) -> Path:
 
 
 def _write_json(path: Path, payload: dict) -> None:
+    _write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -473,6 +529,10 @@ def _hydra_output_dir() -> Path:
 
 
 def _hydra_main(cfg: DictConfig) -> float:
+    from resnet_lab.prepare import ensure_prepared
+
+    validate(cfg)  # before a dataset is built for a configuration that cannot train
+    ensure_prepared(cfg)
     metrics = train(cfg, output_dir=_hydra_output_dir())
     # What a sweeper minimises.
     return metrics["val_error"]
