@@ -117,3 +117,13 @@ def mlflow_server(tmp_path):
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+# The longest modules first: with `pytest -n 2 --dist loadfile` (pyproject's addopts) each module runs on
+# one worker, and one that started last would run on alone at the end.
+_LONGEST_FIRST = ("test_pipeline.py", "test_scale_out.py", "test_faults.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

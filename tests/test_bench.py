@@ -264,7 +264,7 @@ def test_bad_input_through_the_real_command_line(tmp_path):
     assert result.returncode == 2
     # TensorFlow's C++ logging may print first; the error is one line, and the last.
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.stderr.strip().endswith(line) and "run the prepare stage" in line
+    assert result.stderr.strip().endswith(line) and "prepare digits first" in line
 
 
 @pytest.mark.slow
