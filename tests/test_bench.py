@@ -307,3 +307,18 @@ def test_pipeline_only_times_make_dataset_for_each_image_and_batch_size(digits_r
         assert case["images_per_sec"] == pytest.approx(3 * 16 / case["seconds"])
     table = capsys.readouterr().out
     assert "input pipeline alone" in table and "| 32x32x1 | 16 |" in table
+
+
+@pytest.mark.parametrize(("setting", "enabled"), [(None, "True"), ("0", "False")])
+def test_the_package_turns_on_tensorflows_onednn_cpu_kernels_unless_told_not_to(setting, enabled):
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
+    probe = (
+        "import resnet_lab, tensorflow; from tensorflow.python.util import _pywrap_util_port as port; "
+        "print(port.IsMklEnabled())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert result.stdout.strip() == enabled
