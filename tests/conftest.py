@@ -6,6 +6,7 @@ Everything a test writes goes under pytest's temporary directories: data, models
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -72,51 +74,89 @@ def free_port() -> int:
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend; yields its URI, stops it afterwards."""
-    port = free_port()
-    store = tmp_path / "server"
-    store.mkdir()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{store}/mlflow.db",
-            "--artifacts-destination",
-            str(store / "artifacts"),
-        ],  # fmt: skip
-        cwd=store,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path / "server").start()
     try:
-        import requests
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server on {uri} did not start")
-            time.sleep(0.5)
-        yield uri
+        yield server.uri
     finally:
-        process.terminate()
+        server.stop()
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend, in its own process group.
+
+    `kill()` takes it away at once (SIGKILL to the whole group: uvicorn runs in a child process);
+    `start()` brings it back on the same port and store. MLflow 3's job runner is switched off: the
+    tests need none of it, and its consumers outlive a terminated server.
+    """
+
+    def __init__(self, store: Path):
+        self.store = store
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+        store.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout_s: float = 120) -> MlflowServer:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.store}/mlflow.db",
+                "--artifacts-destination",
+                str(self.store / "artifacts"),
+            ],  # fmt: skip
+            cwd=self.store,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not self.answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server on {self.uri} did not start")
+            time.sleep(0.3)
+        return self
+
+    def answers(self) -> bool:
         try:
-            process.wait(timeout=20)
+            return requests.get(f"{self.uri}/health", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM, wait_s=20)
+
+    def _signal(self, signum: int, wait_s: float = 10) -> None:
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signum)
+            self.process.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+        # The group's other members (uvicorn) go with SIGKILL; a SIGTERM'd parent may leave them.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
 
 
 # The longest modules first: with `pytest -n 2 --dist loadfile` (pyproject's addopts) each module runs on

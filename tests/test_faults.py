@@ -1,8 +1,4 @@
-"""Faults done for real: a tracking server that goes away mid-run, a damaged prepared dataset, a kill -9.
-
-The MLflow server here can be killed and started again on the same port and store, which the
-`mlflow_server` fixture of conftest cannot.
-"""
+"""Faults done for real: a tracking server that goes away mid-run, a damaged prepared dataset, a kill -9."""
 
 from __future__ import annotations
 
@@ -18,11 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from conftest import TINY, free_port, path_overrides
+from conftest import TINY, MlflowServer, path_overrides
 from resnet_lab import tracking
 from resnet_lab.callbacks import MlflowLogger
 from resnet_lab.config import compose
@@ -33,84 +28,6 @@ HISTORY = ["loss", "accuracy", "val_loss", "val_accuracy"]
 
 def _quiet_tf() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend, in its own process group.
-
-    `kill()` takes it away at once (SIGKILL to the whole group: uvicorn runs in a child process);
-    `start()` brings it back on the same port and store. MLflow 3's job runner is switched off: the
-    tests need none of it, and its consumers outlive a terminated server.
-    """
-
-    def __init__(self, store: Path):
-        self.store = store
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-        store.mkdir(parents=True, exist_ok=True)
-
-    def start(self, timeout_s: float = 120) -> MlflowServer:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{self.store}/mlflow.db",
-                "--artifacts-destination",
-                str(self.store / "artifacts"),
-            ],  # fmt: skip
-            cwd=self.store,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout_s
-        while not self.answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mlflow server on {self.uri} did not start")
-            time.sleep(0.3)
-        return self
-
-    def answers(self) -> bool:
-        try:
-            return requests.get(f"{self.uri}/health", timeout=1).ok
-        except requests.RequestException:
-            return False
-
-    def kill(self) -> None:
-        self._signal(signal.SIGKILL)
-
-    def stop(self) -> None:
-        self._signal(signal.SIGTERM, wait_s=20)
-
-    def _signal(self, signum: int, wait_s: float = 10) -> None:
-        if self.process is None:
-            return
-        try:
-            os.killpg(self.process.pid, signum)
-            self.process.wait(timeout=wait_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        except ProcessLookupError:
-            pass
-        # The group's other members (uvicorn) go with SIGKILL; a SIGTERM'd parent may leave them.
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process = None
 
 
 @pytest.fixture

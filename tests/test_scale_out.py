@@ -17,9 +17,8 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, free_port, path_overrides
+from conftest import TINY, MlflowServer, free_port, path_overrides
 from resnet_lab.config import conf_dir
-from test_faults import MlflowServer
 
 SECRET = "s3cret"
 MODELS = ("resnet8", "plain8")
