@@ -149,6 +149,23 @@ def test_a_truncated_split_index_fails_the_train_cli_on_one_line(digits_root, tm
     assert not (tmp_path / "run" / "mlflow_run.json").exists()
 
 
+def _train_stage_error(data: Path, tmp_path: Path, capsys) -> str:
+    """Run the DVC train stage over the data under `data`; it must fail on one `error:` line, returned."""
+    from omegaconf import OmegaConf
+
+    from resnet_lab.train import stage_main
+
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(compose([*TINY, *path_overrides(data, tmp_path)]), params)
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main(["--params", str(params)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert not (tmp_path / "models").exists()
+    return err
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -164,39 +181,18 @@ def test_a_truncated_split_index_fails_the_train_cli_on_one_line(digits_root, tm
 def test_a_damaged_prepared_dataset_fails_the_stage_on_one_line(
     digits_root, tmp_path, capsys, damage, message
 ):
-    from resnet_lab.train import stage_main
-
     data = _prepared_copy(digits_root, tmp_path)
     damage(data / "prepared" / "digits")
-    params = tmp_path / "params.yaml"
-    from omegaconf import OmegaConf
-
-    OmegaConf.save(compose([*TINY, *path_overrides(data, tmp_path)]), params)
-    with pytest.raises(SystemExit) as exit_info:
-        stage_main(["--params", str(params)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
-    assert not (tmp_path / "models").exists()
+    assert message in _train_stage_error(data, tmp_path, capsys)
 
 
 def test_a_truncated_tfds_shard_fails_on_one_line(digits_root, tmp_path, capsys):
-    from omegaconf import OmegaConf
-
-    from resnet_lab.train import stage_main
-
     data = tmp_path / "data"
     shutil.copytree(digits_root / "prepared", data / "prepared")
     shutil.copytree(digits_root / "tfds", data / "tfds")
     (shard,) = (data / "tfds").glob("digits/*/digits-train.tfrecord-*")
     os.truncate(shard, shard.stat().st_size // 2)
-    params = tmp_path / "params.yaml"
-    OmegaConf.save(compose([*TINY, *path_overrides(data, tmp_path)]), params)
-    with pytest.raises(SystemExit) as exit_info:
-        stage_main(["--params", str(params)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and shard.name in err, err
+    assert shard.name in _train_stage_error(data, tmp_path, capsys)
 
 
 # Kills its own process with SIGKILL in the middle of epoch 3 (after two epochs were backed up): a real
