@@ -16,6 +16,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
+import resnet_lab
 from conftest import path_overrides
 from resnet_lab import bench
 from resnet_lab.bench import Settings, largest_fitting_batch, main
@@ -30,14 +31,14 @@ REPORT_FIELDS = {
 }  # fmt: skip
 MACHINE_FIELDS = {
     "device", "cpu", "cpu_cores", "gpus", "strategy", "replicas", "devices", "memory_bytes", "python",
-    "tensorflow", "keras", "hostname",
+    "tensorflow", "keras", "onednn", "hostname",
 }  # fmt: skip
 CASE_FIELDS = {
-    "key", "model", "implementation", "architecture", "image_size", "input_shape", "classes", "batch_size",
-    "precision", "compute_dtype", "jit_compile_setting", "jit_compile", "input", "replicas", "devices",
-    "warmup_steps", "steps", "images_per_sec", "images_per_sec_mean", "step_time_s", "step_times_s", "params",
-    "macs_per_image", "flops_per_image", "achieved_flops_per_sec", "matmul_fraction", "peak_rss_bytes",
-    "process_max_rss_bytes", "peak_device_memory_bytes", "loss",
+    "key", "model", "implementation", "reference", "architecture", "image_size", "input_shape", "classes",
+    "batch_size", "precision", "compute_dtype", "jit_compile_setting", "jit_compile", "input", "replicas",
+    "devices", "onednn", "warmup_steps", "steps", "images_per_sec", "images_per_sec_mean", "step_time_s",
+    "step_times_s", "params", "macs_per_image", "flops_per_image", "achieved_flops_per_sec",
+    "matmul_fraction", "peak_rss_bytes", "process_max_rss_bytes", "peak_device_memory_bytes", "loss",
 }  # fmt: skip
 POSITIVE_FIELDS = (
     "images_per_sec", "images_per_sec_mean", "step_time_s", "macs_per_image", "params",
@@ -274,20 +275,56 @@ def test_ours_against_keras_resnet50_under_keras_defaults(tmp_path):
                  inputs=("memory",), steps=2, warmup_steps=1, keras_reference=True),
         [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
     )  # fmt: skip
-    ours, reference = report["cases"]
-    for case in (ours, reference):
+    ours, shared, alone = report["cases"]
+    for case in (ours, shared, alone):
         _check_case(case, report["matmul_ceiling"])
+    assert [c["model"] for c in report["cases"]] == ["resnet50", "keras.ResNet50", "keras.ResNet50-alone"]
+    assert [c["reference"] for c in report["cases"]] == [None, "shared", "alone"]
     assert ours["implementation"] == "resnet_lab"
-    assert reference["implementation"] == "keras.applications.ResNet50"
-    # Keras's jit_compile="auto" is off on a CPU-only machine: the default the issue measured.
-    assert reference["jit_compile_setting"] == "auto" and reference["jit_compile"] is False
-    # The same network up to details: Keras's convs carry biases (BN makes them redundant), its strides sit
-    # on the 1x1 convs (v1) where ours sit on the 3x3 (v1.5, a few more MACs).
-    assert ours["params"] == pytest.approx(reference["params"], rel=0.01)
-    assert ours["macs_per_image"] == pytest.approx(reference["macs_per_image"], rel=0.1)
-    (row,) = report["comparisons"]["keras_reference"]
-    assert row["ratio"] == pytest.approx(ours["images_per_sec"] / reference["images_per_sec"])
-    assert row["goal"] == 2.0 and row["baseline_jit_compile"] is False
+    for reference in (shared, alone):
+        assert reference["implementation"] == "keras.applications.ResNet50"
+        # Keras's jit_compile="auto" is off on a CPU-only machine: the default the issue measured.
+        assert reference["jit_compile_setting"] == "auto" and reference["jit_compile"] is False
+        # The same network up to details: Keras's convs carry biases (BN makes them redundant), its strides
+        # sit on the 1x1 convs (v1) where ours sit on the 3x3 (v1.5, a few more MACs).
+        assert ours["params"] == pytest.approx(reference["params"], rel=0.01)
+        assert ours["macs_per_image"] == pytest.approx(reference["macs_per_image"], rel=0.1)
+    # In this process the reference shares the package's runtime; alone it gets TensorFlow's own choice.
+    assert shared["onednn"] is ours["onednn"]
+    if resnet_lab.ONEDNN_SET_BY_PACKAGE:
+        assert ours["onednn"] is True and alone["onednn"] is _tensorflows_own_onednn_choice()
+    else:  # the environment chose: both processes follow it
+        assert alone["onednn"] is ours["onednn"]
+    rows = {row["baseline"]: row for row in report["comparisons"]["keras_reference"]}
+    assert set(rows) == {"keras.ResNet50", "keras.ResNet50-alone"}
+    for reference in (shared, alone):
+        row = rows[reference["model"]]
+        assert row["ratio"] == pytest.approx(ours["images_per_sec"] / reference["images_per_sec"])
+        assert row["goal"] == 2.0 and row["meets_goal"] == (row["ratio"] >= 2.0)
+        assert row["baseline_jit_compile"] is False and row["baseline_onednn"] is reference["onednn"]
+    assert rows["keras.ResNet50"]["key"].startswith("keras_reference/")
+    assert rows["keras.ResNet50-alone"]["key"].startswith("keras_reference_alone/")
+
+
+def _tensorflows_own_onednn_choice() -> bool:
+    """oneDNN in a process that loads TensorFlow with no TF_ENABLE_ONEDNN_OPTS and nothing of resnet_lab."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    probe = (
+        "import tensorflow; from tensorflow.python.util import _pywrap_util_port as port; "
+        "print(port.IsMklEnabled())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=True
+    )
+    return {"True": True, "False": False}[result.stdout.strip()]
+
+
+def test_a_reference_whose_own_process_fails_is_one_error_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_ALONE_ENTRY", "import sys; sys.exit('no TensorFlow here')")
+    case = bench.Case("resnet50", 32, 2, "float32", "auto", "memory", reference="alone")
+    plan = bench._Plan(None, {}, 3, 10, None, [case])
+    with pytest.raises(RuntimeError, match=r"keras.ResNet50-alone failed in its own process \(exit 1\): no "):
+        bench._measure_alone(case, plan, Settings(steps=1, warmup_steps=1))
 
 
 def test_pipeline_only_times_make_dataset_for_each_image_and_batch_size(digits_root, tmp_path, capsys):

@@ -7,9 +7,13 @@
 Each case trains with Keras `fit` and the compile settings of `train(cfg)`; a callback reads every step's
 loss, which waits for the step to finish (on a GPU the call only queues the kernels), and stamps the
 time. The warm-up steps absorb tracing and XLA compilation; the median of the timed steps gives the
-throughput. The reference case is `keras.applications.ResNet50(weights=None)` compiled with Keras's
-defaults (`jit_compile="auto"`, which Keras resolves to off on a CPU-only machine and under
-tf.distribute), on the same input, batch, optimizer and loss.
+throughput. The reference is `keras.applications.ResNet50(weights=None)` compiled with Keras's defaults
+(`jit_compile="auto"`, which Keras resolves to off on a CPU-only machine and under tf.distribute), on the
+same input, batch, optimizer and loss, measured twice: in this process (`keras.ResNet50`), where it shares
+the TensorFlow runtime the package set up, and alone (`keras.ResNet50-alone`), in a Python process of its
+own that loads TensorFlow before anything of resnet_lab, so TensorFlow's own defaults apply as in a user's
+script of its own (the package turns on TensorFlow's oneDNN CPU kernels, which TensorFlow leaves off on
+CPUs without AVX-512 neural-network features).
 
 FLOPs per image follow the usual convention: 2 per multiply-accumulate, times 3 for a training step
 (forward, gradients of the activations, gradients of the weights). Achieved FLOP/s are set against a
@@ -33,7 +37,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab.errors import ConfigError, cli
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # 2 FLOPs per multiply-accumulate; a training step costs about three forward passes.
 FLOPS_PER_MAC_TRAINING = 6
 FLOP_CONVENTION = (
@@ -58,6 +64,8 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 COMPUTE_DTYPES = {"float32": "float32", "mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}
 KERAS_REFERENCE = "keras.applications.ResNet50"
 KERAS_REFERENCE_MODEL = "resnet50"  # the architecture of ours it is set against
+# How the reference runs: in this process, or alone in a process with TensorFlow's defaults; its label.
+REFERENCE_LABELS = {"shared": "keras.ResNet50", "alone": "keras.ResNet50-alone"}
 KERAS_MIN_IMAGE_SIZE = 32  # keras.applications refuses smaller inputs
 KERAS_SPEEDUP_GOAL = 2.0
 PIPELINE_RATIO_GOAL = 0.97
@@ -85,7 +93,8 @@ class Case:
         model: a key of `ARCHS`; for the reference, the architecture it stands beside.
         jit_compile: "on", "off", or "auto" (the reference: Keras decides).
         input: "pipeline" (the real `make_dataset`) or "memory" (one batch of tensors, repeated).
-        reference: `keras.applications.ResNet50` under Keras's default compile settings.
+        reference: None for ours; `keras.applications.ResNet50` under Keras's default compile settings in
+            this process ("shared") or alone in a process with TensorFlow's defaults ("alone").
     """
 
     model: str
@@ -94,11 +103,11 @@ class Case:
     precision: str
     jit_compile: str
     input: str
-    reference: bool = False
+    reference: str | None = None
 
     @property
     def label(self) -> str:
-        return "keras.ResNet50" if self.reference else self.model
+        return REFERENCE_LABELS[self.reference] if self.reference else self.model
 
     @property
     def key(self) -> str:
@@ -124,7 +133,7 @@ class Settings:
         inputs: "pipeline" and/or "memory".
         warmup_steps: untimed steps first; the first step traces and compiles, so at least 1.
         keras_reference: add `keras.applications.ResNet50` beside our resnet50 for every image size, batch,
-            precision and input.
+            precision and input, in this process and alone.
         channels, classes: shape of the `memory` input when no `pipeline` case fixes it (None: CIFAR-10's).
     """
 
@@ -148,7 +157,10 @@ class Settings:
             for model in self.models:
                 cases.extend(Case(model, size, batch, precision, jit, source) for jit in self.jit_compile)
                 if self.keras_reference and model == KERAS_REFERENCE_MODEL:
-                    cases.append(Case(model, size, batch, precision, "auto", source, reference=True))
+                    cases.extend(
+                        Case(model, size, batch, precision, "auto", source, reference=how)
+                        for how in REFERENCE_LABELS
+                    )
         return cases
 
 
@@ -162,6 +174,7 @@ class _Plan:
     classes: int
     dataset: str | None
     cases: list[Case] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
 
 
 def check(settings: Settings, overrides: Sequence[str] = ()) -> _Plan:
@@ -245,7 +258,7 @@ def check(settings: Settings, overrides: Sequence[str] = ()) -> _Plan:
                     f"reads: the pipeline and memory inputs must have the same shape"
                 )
         channels, classes = spec.input_shape[-1], spec.num_classes
-    return _Plan(base_cfg, model_cfgs, channels, classes, dataset, settings.cases())
+    return _Plan(base_cfg, model_cfgs, channels, classes, dataset, settings.cases(), list(overrides))
 
 
 def _positive(name: str, value) -> None:
@@ -284,8 +297,6 @@ def bench(settings: Settings, overrides: Sequence[str] = ()) -> dict:
 
 
 def _bench(settings: Settings, plan: _Plan) -> dict:
-    import tensorflow as tf
-
     from resnet_lab.train import make_strategy
 
     # First: logical CPU devices must be configured before TensorFlow initialises.
@@ -305,21 +316,14 @@ def _bench(settings: Settings, plan: _Plan) -> dict:
     machine = describe_machine(strategy)
     dtypes = dict.fromkeys(["float32", *(COMPUTE_DTYPES[p] for p in settings.precisions)])
     ceilings = {dtype: matmul_ceiling(dtype) for dtype in dtypes}
-    records = []
-    for case in plan.cases:
-
-        def measure(batch: int, steps: int, warmup_steps: int, case=case) -> dict:
-            sized = replace(case, batch_size=batch)
-            return _measure(
-                sized, _case_config(plan.model_cfgs[case.model], sized), strategy,
-                steps=steps, warmup_steps=warmup_steps, channels=plan.channels, classes=plan.classes,
-            )  # fmt: skip
-
-        try:
-            record = measure(case.batch_size, settings.steps, settings.warmup_steps)
-        except (tf.errors.ResourceExhaustedError, MemoryError) as exc:
-            record = _out_of_memory(case, exc, measure, replicas, machine)
-        records.append(record)
+    records = [
+        _measure_alone(case, plan, settings)
+        if case.reference == "alone"
+        else _run_case(
+            case, plan, strategy, machine, steps=settings.steps, warmup_steps=settings.warmup_steps
+        )
+        for case in plan.cases
+    ]
 
     # Measured again after the cases, the best kept: on a shared machine one moment can be a busy one.
     for dtype in dtypes:
@@ -402,6 +406,85 @@ def render_pipeline(report: dict) -> str:
     cpus = report["machine"]["cpus"]
     title = f"input pipeline alone: make_dataset('train') of {report['dataset']}, {cpus} CPUs"
     return "\n".join([title, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def _run_case(case: Case, plan: _Plan, strategy, machine: dict, *, steps: int, warmup_steps: int) -> dict:
+    """Measure one case in this process; one that runs out of memory: the largest batch that fits."""
+    import tensorflow as tf
+
+    def measure(batch: int, steps: int, warmup_steps: int) -> dict:
+        sized = replace(case, batch_size=batch)
+        return _measure(
+            sized, _case_config(plan.model_cfgs[case.model], sized), strategy,
+            steps=steps, warmup_steps=warmup_steps, channels=plan.channels, classes=plan.classes,
+        )  # fmt: skip
+
+    try:
+        return measure(case.batch_size, steps, warmup_steps)
+    except (tf.errors.ResourceExhaustedError, MemoryError) as exc:
+        return _out_of_memory(case, exc, measure, strategy.num_replicas_in_sync, machine)
+
+
+# TensorFlow first: it reads TF_ENABLE_ONEDNN_OPTS once, when it loads, so the setting resnet_lab's import
+# makes afterwards changes nothing in this process.
+_ALONE_ENTRY = "import sys, tensorflow; from resnet_lab.bench import _alone_main; _alone_main(sys.argv[1])"
+
+
+def _measure_alone(case: Case, plan: _Plan, settings: Settings) -> dict:
+    """Measure a case in a Python process of its own, with TensorFlow's defaults rather than the package's.
+
+    Raises:
+        RuntimeError: the process failed; the message holds the last line it wrote to stderr.
+    """
+    import resnet_lab
+
+    env = dict(os.environ)
+    if resnet_lab.ONEDNN_SET_BY_PACKAGE:
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)
+    with tempfile.TemporaryDirectory(prefix="resnet-lab-bench-") as tmp:
+        output = Path(tmp) / "record.json"
+        request = {
+            "case": asdict(case),
+            "overrides": plan.overrides,
+            "steps": settings.steps,
+            "warmup_steps": settings.warmup_steps,
+            "channels": plan.channels,
+            "classes": plan.classes,
+            "output": str(output),
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", _ALONE_ENTRY, json.dumps(request)],
+            env=env, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if result.returncode != 0 or not output.exists():
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{case.label} failed in its own process (exit {result.returncode}): {last}")
+        return json.loads(output.read_text())
+
+
+def _alone_main(request_text: str) -> None:
+    """The process `_measure_alone` starts: measure the one case it names, write its record."""
+    from resnet_lab.train import make_strategy
+
+    request = json.loads(request_text)
+    case = Case(**request["case"])
+    cfg = _compose([*request["overrides"], f"model={case.model}"])
+    strategy = make_strategy(cfg)
+    plan = _Plan(cfg, {case.model: cfg}, request["channels"], request["classes"], None, [case])
+    record = _run_case(
+        case, plan, strategy, describe_machine(strategy),
+        steps=request["steps"], warmup_steps=request["warmup_steps"],
+    )  # fmt: skip
+    write_json(request["output"], record)
+
+
+def onednn_enabled() -> bool | None:
+    """Whether TensorFlow runs its oneDNN CPU kernels in this process; None where the build cannot say."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
 
 
 def _case_config(cfg: DictConfig, case: Case) -> DictConfig:
@@ -495,7 +578,7 @@ def _measure(
                 model = keras.applications.ResNet50(weights=None, input_shape=shape, classes=classes)
             else:
                 model = build_from_config(cfg.model, classes, shape, cfg.optimizer.weight_decay)
-            _compile(model, cfg, total_steps, reference=case.reference)
+            _compile(model, cfg, total_steps, reference=case.reference is not None)
         clock = _step_clock()
         gpus = [d.name.rsplit("device:", 1)[-1] for d in tf.config.list_logical_devices("GPU")]
         with _PeakMemory(gpus) as memory:
@@ -510,6 +593,7 @@ def _measure(
             "key": case.key,
             "model": case.label,
             "implementation": KERAS_REFERENCE if case.reference else "resnet_lab",
+            "reference": case.reference,
             "architecture": case.model,
             "image_size": case.image_size,
             "input_shape": list(shape),
@@ -522,6 +606,7 @@ def _measure(
             "input": case.input,
             "replicas": strategy.num_replicas_in_sync,
             "devices": _strategy_devices(strategy),
+            "onednn": onednn_enabled(),
             "warmup_steps": warmup_steps,
             "steps": steps,
             "images_per_sec": images_per_sec,
@@ -593,6 +678,7 @@ def _out_of_memory(
     return {
         "key": case.key,
         "model": case.label,
+        "reference": case.reference,
         "architecture": case.model,
         "image_size": case.image_size,
         "batch_size": case.batch_size,
@@ -687,6 +773,7 @@ def describe_machine(strategy) -> dict:
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "onednn": onednn_enabled(),
         "hostname": platform.node(),
     }
 
@@ -734,8 +821,10 @@ def compare(records: Sequence[dict]) -> dict:
 
     Returns:
         Lists of rows with `key`, `ratio`, both throughputs and the shared settings:
-        `keras_reference` (our resnet50 / Keras's ResNet50; goal `KERAS_SPEEDUP_GOAL`), `pipeline_vs_memory`
-        (the real pipeline / in-memory tensors; goal `PIPELINE_RATIO_GOAL`), `xla` (jit_compile on / off).
+        `keras_reference` (our resnet50 / Keras's ResNet50, in this process and alone; goal
+        `KERAS_SPEEDUP_GOAL`; keys `keras_reference/...` and `keras_reference_alone/...`),
+        `pipeline_vs_memory` (the real pipeline / in-memory tensors; goal `PIPELINE_RATIO_GOAL`), `xla`
+        (jit_compile on / off).
     """
     done = [r for r in records if "images_per_sec" in r]
     shared = ("image_size", "batch_size", "precision")
@@ -763,9 +852,16 @@ def compare(records: Sequence[dict]) -> dict:
     keras_reference = [
         {
             **row(
-                "keras_reference", ours, ref, (*shared, "input", "jit_compile_setting"), KERAS_SPEEDUP_GOAL
+                "keras_reference" + ("_alone" if ref["reference"] == "alone" else ""),
+                ours,
+                ref,
+                (*shared, "input", "jit_compile_setting"),
+                KERAS_SPEEDUP_GOAL,
             ),
+            "baseline": ref["model"],
             "baseline_jit_compile": ref["jit_compile"],
+            "baseline_onednn": ref["onednn"],
+            "onednn": ours["onednn"],
         }
         for ours, ref in pairs(ours_resnet50, _is_reference, (*shared, "input"))
     ]
@@ -792,17 +888,18 @@ _KEY_PARTS = {"image_size": "{}px", "batch_size": "b{}", "jit_compile_setting": 
 
 
 def _is_reference(record: dict) -> bool:
-    return record["implementation"] == KERAS_REFERENCE
+    return record["reference"] is not None
 
 
 # header, width, cell; the first TEXT_COLUMNS are left-aligned
 _COLUMNS = (
-    ("model", 15, lambda r: r["model"]),
+    ("model", 20, lambda r: r["model"]),
     ("px", 4, lambda r: str(r["image_size"])),
     ("batch", 5, lambda r: str(r["batch_size"])),
     ("precision", 14, lambda r: r["precision"]),
     ("xla", 8, lambda r: _jit_text(r)),
     ("input", 8, lambda r: r["input"]),
+    ("oneDNN", 6, lambda r: _flag_text(r["onednn"])),
     ("img/s", 8, lambda r: f"{r['images_per_sec']:.1f}"),
     ("step ms", 8, lambda r: f"{1000 * r['step_time_s']:.1f}"),
     ("GMAC/img", 8, lambda r: f"{r['macs_per_image'] / 1e9:.3f}"),
@@ -810,7 +907,7 @@ _COLUMNS = (
     ("matmul%", 7, lambda r: f"{100 * r['matmul_fraction']:.1f}"),
     ("peak MiB", 8, lambda r: f"{(r['peak_device_memory_bytes'] or r['peak_rss_bytes']) / 2**20:.0f}"),
 )
-TEXT_COLUMNS = 6
+TEXT_COLUMNS = 7
 
 
 def _jit_text(record: dict) -> str:
@@ -821,6 +918,10 @@ def _jit_text(record: dict) -> str:
 
 def _on(flag: bool) -> str:
     return "on" if flag else "off"
+
+
+def _flag_text(flag: bool | None) -> str:
+    return "?" if flag is None else _on(flag)
 
 
 def _table_row(cells: Sequence[str]) -> str:
@@ -835,7 +936,7 @@ def render(report: dict) -> str:
     lines = [_table_row([header for header, _, _ in _COLUMNS])]
     for record in report["cases"]:
         if "error" in record:
-            lines.append(f"{record['model']:<15}  error: {record['error']}")
+            lines.append(f"{record['model']:<20}  error: {record['error']}")
         else:
             lines.append(_table_row([cell(record) for _, _, cell in _COLUMNS]))
     machine = report["machine"]
@@ -846,16 +947,21 @@ def render(report: dict) -> str:
     memory = "GPU memory" if machine["gpus"] else "resident memory of the process during the case"
     lines += [
         "",
-        f"device: {machine['device']}; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}",
+        f"device: {machine['device']}; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, "
+        f"oneDNN {_flag_text(machine['onednn'])}",
         f"dense matmul ceiling: {ceilings}",
         f"FLOPs: {report['flop_convention']}",
         f"img/s: batch / median step time over the timed steps; peak MiB: {memory}",
     ]
     comparisons = report["comparisons"]
     for row in comparisons["keras_reference"]:
+        alone = row["baseline"] == REFERENCE_LABELS["alone"]
+        process = "a process of its own, TensorFlow's defaults" if alone else "this process"
         lines.append(
-            f"ours resnet50 (xla {row['jit_compile_setting']}) / {KERAS_REFERENCE} (Keras's default compile, "
-            f"xla {_on(row['baseline_jit_compile'])}), {_where(row)} {row['input']}: {_verdict(row, 'x')}"
+            f"ours resnet50 (xla {row['jit_compile_setting']}, oneDNN {_flag_text(row['onednn'])}) / "
+            f"{row['baseline']} (Keras's default compile in {process}: "
+            f"xla {_on(row['baseline_jit_compile'])}, oneDNN {_flag_text(row['baseline_onednn'])}), "
+            f"{_where(row)} {row['input']}: {_verdict(row, 'x')}"
         )
     for row in comparisons["pipeline_vs_memory"]:
         lines.append(
@@ -993,7 +1099,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--warmup-steps", type=int, default=defaults.warmup_steps,
         help="untimed steps first: tracing and XLA compilation")  # fmt: skip
     add("--keras-reference", action="store_true",
-        help=f"add {KERAS_REFERENCE} under Keras's default compile settings beside our resnet50")  # fmt: skip
+        help=f"add {KERAS_REFERENCE} under Keras's default compile settings beside our resnet50, in this "
+        "process and alone in one with TensorFlow's defaults")  # fmt: skip
     add("--channels", type=int, help=f"memory input only: image channels (default {MEMORY_CHANNELS})")
     add("--classes", type=int, help=f"memory input only: classes (default {MEMORY_CLASSES})")
     add("--logical-cpus", type=int, help="split the CPU into this many devices and mirror over them")
