@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from conftest import TINY, path_overrides
 from resnet_lab.errors import ConfigError
-from resnet_lab.train import TrainingDiverged, train
+from resnet_lab.train import TrainingDiverged, resolve_precision, train
 
 
 def _client(cfg) -> MlflowClient:
@@ -48,6 +48,9 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     assert params["model.name"] == "resnet8" and params["optimizer.name"] == "sgd"
     assert params["trainer.batch_size"] == "16" and params["schedule.milestones"] == "[0.5, 0.75]"
     assert int(params["model.trainable_params"]) > 0 and int(params["model.macs_per_image"]) > 0
+    # What the auto settings resolved to here; cpu_smoke turns XLA off.
+    assert params["trainer.precision"] == "auto" and params["precision_policy"] == resolve_precision("auto")
+    assert params["jit_compile"] == "False"
     tags = run.data.tags
     assert tags["resnet_lab.family"] == "residual" and tags["resnet_lab.depth"] == "8"
     assert tags["resnet_lab.dataset"] == "digits"
@@ -289,3 +292,35 @@ def test_mirrored_strategy_over_two_logical_cpus(digits_root, tmp_path):
     assert odd.stderr.strip().splitlines()[-1] == (
         "error: trainer.batch_size 15 is not divisible by the 2 replicas"
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "capabilities", "policy"),
+    [
+        ("auto", [], "float32"),  # a CPU
+        ("auto", [(8, 0)], "mixed_float16"),  # A100
+        ("auto", [(9, 0), (9, 0)], "mixed_float16"),  # two H100s
+        ("auto", [(7, 0)], "mixed_float16"),  # V100: the first with Tensor Cores
+        ("auto", [(6, 1)], "float32"),  # P100-class: float16 without Tensor Cores
+        ("auto", [(8, 6), (6, 1)], "float32"),  # a mix: the slowest decides
+        ("auto", [None], "float32"),  # a GPU that does not report its capability
+        ("mixed_bfloat16", [(8, 0)], "mixed_bfloat16"),  # an explicit policy is kept
+        ("mixed_float16", [], "mixed_float16"),
+    ],
+)
+def test_precision_auto_is_mixed_float16_on_tensor_core_gpus_only(setting, capabilities, policy):
+    assert resolve_precision(setting, capabilities) == policy
+
+
+def test_mixed_float16_trains_with_loss_scaling_and_a_float32_classifier(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.precision=mixed_float16")
+    metrics = train(cfg)
+    run = _client(cfg).get_run(metrics["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["precision_policy"] == "mixed_float16"
+    assert np.isfinite(run.data.metrics["loss"])
+    import keras
+
+    model = keras.saving.load_model(tmp_path / "models" / "resnet8-0" / "model.keras", compile=False)
+    assert model.get_layer("conv1_conv").compute_dtype == "float16"
+    assert model.get_layer("predictions").compute_dtype == "float32"
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run

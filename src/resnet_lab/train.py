@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,6 +26,8 @@ from resnet_lab.config import checkpoint_dir, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+# Tensor Cores, which make float16 matmuls and convolutions fast, arrived with compute capability 7.0 (Volta).
+TENSOR_CORE_CAPABILITY = (7, 0)
 DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "cosine", "constant")
@@ -53,7 +56,7 @@ def validate(cfg: DictConfig) -> None:
         _flag(f"trainer.{key}", trainer[key])
     for key in ("cache", "horizontal_flip"):
         _flag(f"data.{key}", cfg.data[key])
-    _choice("trainer.precision", trainer.precision, PRECISIONS)
+    _choice("trainer.precision", trainer.precision, (*PRECISIONS, "auto"))
     _choice("trainer.jit_compile", trainer.jit_compile, (True, False, "auto"))
     _choice("trainer.distribution", trainer.distribution, DISTRIBUTIONS)
     _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
@@ -149,6 +152,33 @@ def resolve_jit_compile(setting, replicas: int) -> bool:
     if setting == "auto":
         return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
     return bool(setting)
+
+
+def resolve_precision(setting: str, gpu_capabilities: Sequence[tuple[int, int] | None] | None = None) -> str:
+    """`trainer.precision`: a Keras dtype policy, or auto = mixed_float16 where every GPU has Tensor Cores.
+
+    Auto follows Keras's mixed-precision guide: float16 compute with dynamic loss scaling (which
+    `model.compile` adds) on NVIDIA GPUs of compute capability 7.0 or newer, float32 everywhere else. On a
+    CPU, float16 is emulated and bfloat16 pays only with AVX512_BF16 or AMX, so a CPU stays in float32.
+
+    Args:
+        setting: "float32", "mixed_float16", "mixed_bfloat16" or "auto".
+        gpu_capabilities: (major, minor) per GPU, None for one that does not say; None: ask TensorFlow.
+
+    Returns:
+        The Keras dtype policy to train under.
+    """
+    if setting != "auto":
+        return setting
+    if gpu_capabilities is None:
+        import tensorflow as tf
+
+        gpu_capabilities = [
+            tf.config.experimental.get_device_details(gpu).get("compute_capability")
+            for gpu in tf.config.list_physical_devices("GPU")
+        ]
+    tensor_cores = [c is not None and tuple(c) >= TENSOR_CORE_CAPABILITY for c in gpu_capabilities]
+    return "mixed_float16" if tensor_cores and all(tensor_cores) else "float32"
 
 
 def worker_task() -> tuple[str, int] | None:
@@ -291,9 +321,10 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
     previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(cfg.trainer.precision)
     try:
         strategy = make_strategy(cfg)
+        precision = resolve_precision(cfg.trainer.precision)
+        keras.mixed_precision.set_global_policy(precision)
         replicas = strategy.num_replicas_in_sync
         if cfg.trainer.batch_size % replicas:
             raise ConfigError(
@@ -339,6 +370,9 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                     "model.trainable_params": params,
                     "model.macs_per_image": macs,
                     "replicas": replicas,
+                    # What the `auto` settings resolved to on this machine.
+                    "precision_policy": precision,
+                    "jit_compile": bool(model.jit_compile),
                 },
             )
             tracker.log_text(tracking.masked_yaml(cfg), "config.yaml")
