@@ -36,8 +36,8 @@ MACHINE_FIELDS = {
 CASE_FIELDS = {
     "key", "model", "implementation", "reference", "architecture", "image_size", "input_shape", "classes",
     "batch_size", "precision", "compute_dtype", "jit_compile_setting", "jit_compile", "input", "replicas",
-    "devices", "onednn", "warmup_steps", "steps", "images_per_sec", "images_per_sec_mean", "step_time_s",
-    "step_times_s", "params", "macs_per_image", "flops_per_image", "achieved_flops_per_sec",
+    "devices", "onednn", "warmup_steps", "steps", "repeats", "images_per_sec", "images_per_sec_mean",
+    "step_time_s", "step_times_s", "params", "macs_per_image", "flops_per_image", "achieved_flops_per_sec",
     "matmul_fraction", "peak_rss_bytes", "process_max_rss_bytes", "peak_device_memory_bytes", "loss",
 }  # fmt: skip
 POSITIVE_FIELDS = (
@@ -60,7 +60,8 @@ def _check_case(case: dict, ceilings: dict) -> None:
     assert set(case) == CASE_FIELDS, set(case) ^ CASE_FIELDS
     for key in POSITIVE_FIELDS:
         assert case[key] > 0, key
-    assert len(case["step_times_s"]) == case["steps"] and all(t > 0 for t in case["step_times_s"])
+    assert len(case["step_times_s"]) == case["steps"] * case["repeats"]
+    assert all(t > 0 for t in case["step_times_s"])
     assert case["step_time_s"] == pytest.approx(statistics.median(case["step_times_s"]))
     assert case["step_time_s"] * case["images_per_sec"] == pytest.approx(case["batch_size"])
     assert case["flops_per_image"] == 6 * case["macs_per_image"]
@@ -117,10 +118,32 @@ def test_cli_writes_the_table_and_a_report_with_every_field(digits_root, tmp_pat
         assert row["ratio"] == pytest.approx(on["images_per_sec"] / off["images_per_sec"])
 
     lines = result.stdout.splitlines()
-    assert lines[0].split()[:6] == ["model", "px", "batch", "precision", "xla", "input"]
+    assert lines[0].split()[:7] == ["model", "px", "batch", "precision", "xla", "input", "oneDNN"]
     assert sum(line.startswith("resnet8 ") for line in lines) == 4
     assert any(line.startswith("dense matmul ceiling: float32 ") for line in lines)
     assert sum(line.startswith("pipeline / memory, resnet8") for line in lines) == 2
+
+
+def test_repeats_measure_every_case_in_rounds_of_rotating_order_and_pool_the_steps(tmp_path, monkeypatch):
+    order = []
+    measure = bench._run_case
+
+    def spy(case, *args, **kwargs):
+        order.append(case.model)
+        return measure(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_run_case", spy)
+    report = bench.bench(
+        Settings(models=("resnet8", "plain8", "resnet20"), jit_compile=("off",), inputs=("memory",),
+                 repeats=2, **TINY_SETTINGS),
+        [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+    )  # fmt: skip
+    # The second round starts one case later, so no case is always first (or always after another).
+    assert order == ["resnet8", "plain8", "resnet20", "plain8", "resnet20", "resnet8"]
+    for case in report["cases"]:
+        _check_case(case, report["matmul_ceiling"])
+        assert case["repeats"] == 2 and len(case["step_times_s"]) == 4
+    assert [c["model"] for c in report["cases"]] == ["resnet8", "plain8", "resnet20"]
 
 
 def test_mixed_precision_runs_on_the_cpu_and_restores_the_policy(tmp_path):
@@ -240,6 +263,7 @@ def test_largest_fitting_batch_halves_then_bisects(limit, too_large, multiple, e
         (["--batch-size", "eight"], "argument --batch-size: invalid int value: 'eight'"),
         (["--steps", "-1"], "--steps must be a positive integer, got -1"),
         (["--warmup-steps", "0"], "--warmup-steps must be a positive integer, got 0"),
+        (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
         (["--models", "resnet50", "--image-size", "16"], "16 is smaller than resnet50's total stride 32"),
         (["--precision", "float64"], "unknown --precision 'float64'; choose from"),
         (["--jit-compile", "maybe"], "unknown --jit-compile 'maybe'; choose from ['on', 'off']"),

@@ -7,7 +7,11 @@
 Each case trains with Keras `fit` and the compile settings of `train(cfg)`; a callback reads every step's
 loss, which waits for the step to finish (on a GPU the call only queues the kernels), and stamps the
 time. The warm-up steps absorb tracing and XLA compilation; the median of the timed steps gives the
-throughput. The reference is `keras.applications.ResNet50(weights=None)` compiled with Keras's defaults
+throughput. With `--repeats N` every case is measured N times, in rounds whose order rotates, and the
+median runs over the timed steps of all rounds: a slow spell of a shared machine, or the position of a
+case in the process, then weighs on every case alike.
+
+The reference is `keras.applications.ResNet50(weights=None)` compiled with Keras's defaults
 (`jit_compile="auto"`, which Keras resolves to off on a CPU-only machine and under tf.distribute), on the
 same input, batch, optimizer and loss, measured twice: in this process (`keras.ResNet50`), where it shares
 the TensorFlow runtime the package set up, and alone (`keras.ResNet50-alone`), in a Python process of its
@@ -132,6 +136,7 @@ class Settings:
         jit_compile: "on" and/or "off" for our models.
         inputs: "pipeline" and/or "memory".
         warmup_steps: untimed steps first; the first step traces and compiles, so at least 1.
+        repeats: rounds over all cases, each starting one case later; a case's steps are pooled.
         keras_reference: add `keras.applications.ResNet50` beside our resnet50 for every image size, batch,
             precision and input, in this process and alone.
         channels, classes: shape of the `memory` input when no `pipeline` case fixes it (None: CIFAR-10's).
@@ -145,6 +150,7 @@ class Settings:
     inputs: tuple[str, ...] = INPUTS
     steps: int = 20
     warmup_steps: int = 5
+    repeats: int = 1
     keras_reference: bool = False
     channels: int | None = None
     classes: int | None = None
@@ -194,7 +200,7 @@ def check(settings: Settings, overrides: Sequence[str] = ()) -> _Plan:
     """
     from resnet_lab.models import get_arch, total_stride
 
-    for name in ("steps", "warmup_steps"):
+    for name in ("steps", "warmup_steps", "repeats"):
         _positive(name.replace("_", "-"), getattr(settings, name))
     for name, values in (("image-size", settings.image_sizes), ("batch-size", settings.batch_sizes)):
         if not values:
@@ -316,14 +322,20 @@ def _bench(settings: Settings, plan: _Plan) -> dict:
     machine = describe_machine(strategy)
     dtypes = dict.fromkeys(["float32", *(COMPUTE_DTYPES[p] for p in settings.precisions)])
     ceilings = {dtype: matmul_ceiling(dtype) for dtype in dtypes}
-    records = [
-        _measure_alone(case, plan, settings)
-        if case.reference == "alone"
-        else _run_case(
-            case, plan, strategy, machine, steps=settings.steps, warmup_steps=settings.warmup_steps
-        )
-        for case in plan.cases
-    ]
+    rounds: dict[Case, list[dict]] = {case: [] for case in plan.cases}
+    for index in range(settings.repeats):
+        shift = index % len(plan.cases)
+        for case in plan.cases[shift:] + plan.cases[:shift]:
+            if any("error" in record for record in rounds[case]):
+                continue  # out of memory once: the search for the largest batch has been done
+            rounds[case].append(
+                _measure_alone(case, plan, settings)
+                if case.reference == "alone"
+                else _run_case(
+                    case, plan, strategy, machine, steps=settings.steps, warmup_steps=settings.warmup_steps
+                )
+            )
+    records = [_pool(rounds[case]) for case in plan.cases]
 
     # Measured again after the cases, the best kept: on a shared machine one moment can be a busy one.
     for dtype in dtypes:
@@ -585,11 +597,8 @@ def _measure(
             history = model.fit(
                 dataset, epochs=1, steps_per_epoch=total_steps, callbacks=[clock], shuffle=False, verbose=0
             )
-        step_times = [float(t) for t in np.diff(clock.ends)[warmup_steps - 1 :]]
-        median_step = statistics.median(step_times)
         macs = count_macs(model)
-        images_per_sec = case.batch_size / median_step
-        return {
+        record = {
             "key": case.key,
             "model": case.label,
             "implementation": KERAS_REFERENCE if case.reference else "resnet_lab",
@@ -609,21 +618,47 @@ def _measure(
             "onednn": onednn_enabled(),
             "warmup_steps": warmup_steps,
             "steps": steps,
-            "images_per_sec": images_per_sec,
-            "images_per_sec_mean": case.batch_size * len(step_times) / sum(step_times),
-            "step_time_s": median_step,
-            "step_times_s": step_times,
+            "repeats": 1,
             "params": count_params(model),
             "macs_per_image": macs,
             "flops_per_image": FLOPS_PER_MAC_TRAINING * macs,
-            "achieved_flops_per_sec": FLOPS_PER_MAC_TRAINING * macs * images_per_sec,
             "peak_rss_bytes": memory.peak_rss,
             "process_max_rss_bytes": _max_rss_bytes(),
             "peak_device_memory_bytes": memory.peak_device,
             "loss": float(history.history["loss"][-1]),
         }
+        return _with_throughput(record, [float(t) for t in np.diff(clock.ends)[warmup_steps - 1 :]])
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _with_throughput(record: dict, step_times: list[float]) -> dict:
+    """The record with the numbers that follow from its step times."""
+    median_step = statistics.median(step_times)
+    images_per_sec = record["batch_size"] / median_step
+    return {
+        **record,
+        "images_per_sec": images_per_sec,
+        "images_per_sec_mean": record["batch_size"] * len(step_times) / sum(step_times),
+        "step_time_s": median_step,
+        "step_times_s": step_times,
+        "achieved_flops_per_sec": record["flops_per_image"] * images_per_sec,
+    }
+
+
+def _pool(rounds: list[dict]) -> dict:
+    """One record for a case measured in several rounds: all timed steps, the peaks, the last loss."""
+    if len(rounds) == 1 or "error" in rounds[-1]:
+        return rounds[-1]
+    pooled = {
+        **rounds[-1],
+        "repeats": len(rounds),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
+        "process_max_rss_bytes": max(r["process_max_rss_bytes"] for r in rounds),
+    }
+    if rounds[-1]["peak_device_memory_bytes"] is not None:
+        pooled["peak_device_memory_bytes"] = max(r["peak_device_memory_bytes"] for r in rounds)
+    return _with_throughput(pooled, [t for r in rounds for t in r["step_times_s"]])
 
 
 def _compile(model, cfg: DictConfig, steps_per_epoch: int, *, reference: bool) -> None:
@@ -1098,6 +1133,8 @@ def _parser() -> argparse.ArgumentParser:
     add("--steps", type=int, default=defaults.steps, help="timed steps per case")
     add("--warmup-steps", type=int, default=defaults.warmup_steps,
         help="untimed steps first: tracing and XLA compilation")  # fmt: skip
+    add("--repeats", type=int, default=defaults.repeats,
+        help="measure every case this many times, in rounds of rotating order; pool the steps")  # fmt: skip
     add("--keras-reference", action="store_true",
         help=f"add {KERAS_REFERENCE} under Keras's default compile settings beside our resnet50, in this "
         "process and alone in one with TensorFlow's defaults")  # fmt: skip
@@ -1127,6 +1164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         inputs=tuple(args.input),
         steps=args.steps,
         warmup_steps=args.warmup_steps,
+        repeats=args.repeats,
         keras_reference=args.keras_reference,
         channels=args.channels,
         classes=args.classes,
