@@ -647,13 +647,17 @@ def _with_throughput(record: dict, step_times: list[float]) -> dict:
 
 
 def _pool(rounds: list[dict]) -> dict:
-    """One record for a case measured in several rounds: all timed steps, the peaks, the last loss."""
+    """One record for a case measured in several rounds: all timed steps, the memory, the last loss.
+
+    The process's resident set grows from case to case and round to round, so a case's peak includes what
+    the cases before it left behind: the smallest peak of its rounds is the closest bound on its own needs.
+    """
     if len(rounds) == 1 or "error" in rounds[-1]:
         return rounds[-1]
     pooled = {
         **rounds[-1],
         "repeats": len(rounds),
-        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds),
+        "peak_rss_bytes": min(r["peak_rss_bytes"] for r in rounds),
         "process_max_rss_bytes": max(r["process_max_rss_bytes"] for r in rounds),
     }
     if rounds[-1]["peak_device_memory_bytes"] is not None:
