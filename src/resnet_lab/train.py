@@ -143,7 +143,7 @@ def make_strategy(cfg: DictConfig):
 def resolve_jit_compile(setting, replicas: int) -> bool:
     """`trainer.jit_compile`: true, false, or auto = XLA on a single GPU only.
 
-    Measured with `python -m resnet_lab.bench` on a 2-core CPU, XLA trains 2.5-9x slower than TensorFlow's
+    Measured with `python -m resnet_lab.bench` on a 2-core CPU, XLA trains 2.3-3.8x slower than TensorFlow's
     own (oneDNN) kernels, and under MirroredStrategy over CPU devices it fails to place resources
     (keras-team/keras#19005); on a GPU it is the fast path.
     """
