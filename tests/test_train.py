@@ -255,6 +255,24 @@ def test_sigterm_ends_the_run_killed(digits_root, tmp_path):
     )
 
 
+def test_a_sigterm_during_a_tracking_call_is_delivered_when_the_call_ends():
+    from resnet_lab.tracking import _signals_held
+    from resnet_lab.train import _sigterm_as_interrupt
+
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _signals_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+                done.append("the MLflow call")
+        assert done == ["the MLflow call"]
+        assert signal.getsignal(signal.SIGTERM) is _sigterm_as_interrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_two_job_multirun_shares_one_parent_run(digits_root, tmp_path):
     result = _train_cli(
         ["--multirun", *TINY, *path_overrides(digits_root, tmp_path), f"hydra.sweep.dir={tmp_path}/sweep",

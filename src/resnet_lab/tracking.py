@@ -14,7 +14,9 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -313,7 +315,7 @@ class RunTracker:
             self._keep(record, None)
             return
         try:
-            with _quick_retries():
+            with _signals_held(), _quick_retries():
                 if self.unsent_file.is_file():
                     # Another process's end of run is stale once this one continues the run.
                     replay_unsent(self.unsent_file, self.client, finish=False)
@@ -462,6 +464,31 @@ def _answers(uri: str) -> bool:
         return requests.get(uri.rstrip("/") + "/health", timeout=2).ok
     except requests.RequestException:
         return False
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them.
+
+    Raised inside an MLflow call, the interrupt can leave the store in the middle of a transaction (SQLite
+    stays locked), and the run's end, KILLED, then cannot be written: the run would stay RUNNING.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum, handler in previous.items():
+        if handler is not None:
+            signal.signal(signum, lambda number, frame: held.append(number))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])
 
 
 @contextlib.contextmanager
