@@ -338,10 +338,19 @@ def test_ours_against_keras_resnet50_under_keras_defaults(tmp_path):
 
 def _tensorflows_own_onednn_choice() -> bool:
     """oneDNN in a process that loads TensorFlow with no TF_ENABLE_ONEDNN_OPTS and nothing of resnet_lab."""
+    return _onednn_in_a_new_process(setting=None, package=False)
+
+
+def _onednn_in_a_new_process(*, setting: str | None, package: bool) -> bool:
+    """Whether TensorFlow's oneDNN kernels are on in a new process, given TF_ENABLE_ONEDNN_OPTS (None: unset)
+    and whether the process imports resnet_lab before TensorFlow."""
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if setting is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = setting
     probe = (
-        "import tensorflow; from tensorflow.python.util import _pywrap_util_port as port; "
-        "print(port.IsMklEnabled())"
+        ("import resnet_lab; " if package else "")
+        + "import tensorflow; from tensorflow.python.util import _pywrap_util_port as port; "
+        + "print(port.IsMklEnabled())"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=True
@@ -378,14 +387,4 @@ def test_pipeline_only_times_make_dataset_for_each_image_and_batch_size(digits_r
 
 @pytest.mark.parametrize(("setting", "enabled"), [(None, "True"), ("0", "False")])
 def test_the_package_turns_on_tensorflows_onednn_cpu_kernels_unless_told_not_to(setting, enabled):
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    if setting is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = setting
-    probe = (
-        "import resnet_lab, tensorflow; from tensorflow.python.util import _pywrap_util_port as port; "
-        "print(port.IsMklEnabled())"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120, check=True
-    )
-    assert result.stdout.strip() == enabled
+    assert str(_onednn_in_a_new_process(setting=setting, package=True)) == enabled
