@@ -77,7 +77,7 @@ def test_cli_writes_the_table_and_a_report_with_every_field(digits_root, tmp_pat
     output = tmp_path / "out" / "bench.json"
     result = _bench_cli(
         ["--models", "resnet8", *TINY_BENCH, "--jit-compile", "on", "off", "--input", "pipeline", "memory",
-         "--output", str(output), *path_overrides(digits_root, tmp_path)],
+         "--chunk-steps", "1", "--output", str(output), *path_overrides(digits_root, tmp_path)],
         tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -126,15 +126,16 @@ def test_cli_writes_the_table_and_a_report_with_every_field(digits_root, tmp_pat
 
 def test_repeats_measure_every_case_in_rounds_of_rotating_order_and_pool_the_steps(tmp_path, monkeypatch):
     order, rounds = [], {}
-    measure = bench._run_case
+    measure = bench._run_twins
 
-    def spy(case, *args, **kwargs):
+    def spy(cases, *args, **kwargs):
+        (case,) = cases  # one input: every model is a group of one
         order.append(case.model)
-        record = measure(case, *args, **kwargs)
-        rounds.setdefault(case.model, []).append(record)
-        return record
+        records = measure(cases, *args, **kwargs)
+        rounds.setdefault(case.model, []).extend(records)
+        return records
 
-    monkeypatch.setattr(bench, "_run_case", spy)
+    monkeypatch.setattr(bench, "_run_twins", spy)
     report = bench.bench(
         Settings(models=("resnet8", "plain8", "resnet20"), jit_compile=("off",), inputs=("memory",),
                  repeats=2, **TINY_SETTINGS),
@@ -150,6 +151,64 @@ def test_repeats_measure_every_case_in_rounds_of_rotating_order_and_pool_the_ste
         assert case["peak_rss_bytes"] == min(first["peak_rss_bytes"], second["peak_rss_bytes"])
         assert case["loss"] == second["loss"]
     assert [c["model"] for c in report["cases"]] == ["resnet8", "plain8", "resnet20"]
+
+
+@pytest.mark.parametrize(
+    ("inputs", "steps", "chunk_steps", "expected"),
+    [
+        # One input: one chunk, as many steps as asked, after the warm-up.
+        (1, 7, 3, [(0, 4, 7)]),
+        # Two inputs take turns A B B A A B, the last chunk short; warm-up once per input, then one
+        # untimed step per chunk for its new iterator.
+        (2, 7, 2, [(0, 4, 2), (1, 4, 2), (1, 1, 2), (0, 1, 2), (0, 1, 2), (1, 1, 2), (1, 1, 1), (0, 1, 1)]),
+        (2, 3, 5, [(0, 4, 3), (1, 4, 3)]),
+        (3, 2, 1, [(0, 4, 1), (1, 4, 1), (2, 4, 1), (2, 1, 1), (1, 1, 1), (0, 1, 1)]),
+    ],
+)
+def test_the_inputs_of_one_model_take_turns_in_chunks(inputs, steps, chunk_steps, expected):
+    schedule = bench.chunk_schedule(inputs, steps, 4, chunk_steps)
+    assert schedule == expected
+    for index in range(inputs):
+        assert sum(timed for i, _, timed in schedule if i == index) == steps
+
+
+def test_pipeline_and_memory_train_one_model_in_alternation(digits_root, tmp_path, monkeypatch):
+    import keras
+
+    fits, models = [], set()
+    real_dataset, real_fit = bench._dataset, keras.Model.fit
+
+    def dataset(case, *args):
+        data = real_dataset(case, *args)
+        data.source = case.input  # which input a fit trains on
+        return data
+
+    def fit(model, data, **kwargs):
+        fits.append((data.source, kwargs["steps_per_epoch"]))
+        models.add(id(model))
+        return real_fit(model, data, **kwargs)
+
+    monkeypatch.setattr(bench, "_dataset", dataset)
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    report = bench.bench(
+        Settings(models=("resnet8",), jit_compile=("off",), inputs=("pipeline", "memory"), chunk_steps=1,
+                 **TINY_SETTINGS),
+        path_overrides(digits_root, tmp_path),
+    )  # fmt: skip
+    # 2 timed steps each, one at a time, A B B A: the warm-up before each input's first, one untimed step
+    # before every later one.
+    assert fits == [("pipeline", 3), ("memory", 3), ("memory", 2), ("pipeline", 2)]
+    assert len(models) == 1
+    pipeline, memory = report["cases"]
+    for case in (pipeline, memory):
+        _check_case(case, report["matmul_ceiling"])
+        assert case["steps"] == 2 and case["repeats"] == 1
+    assert (pipeline["input"], memory["input"]) == ("pipeline", "memory")
+    assert pipeline["step_times_s"] != memory["step_times_s"]
+    # One model in one process: one peak of memory.
+    assert pipeline["peak_rss_bytes"] == memory["peak_rss_bytes"]
+    (row,) = report["comparisons"]["pipeline_vs_memory"]
+    assert row["ratio"] == pytest.approx(pipeline["images_per_sec"] / memory["images_per_sec"])
 
 
 def test_mixed_precision_runs_on_the_cpu_and_restores_the_policy(tmp_path):
@@ -219,11 +278,12 @@ def test_a_batch_that_does_not_fit_names_the_largest_that_did(digits_root, tmp_p
     real_measure = bench._measure
     tried = []
 
-    def measure(case, *args, **kwargs):
-        tried.append(case.batch_size)
-        if case.batch_size > 5:
-            raise tf.errors.ResourceExhaustedError(None, None, f"OOM when allocating batch {case.batch_size}")
-        return real_measure(case, *args, **kwargs)
+    def measure(cases, *args, **kwargs):
+        batch = cases[0].batch_size
+        tried.append(batch)
+        if batch > 5:
+            raise tf.errors.ResourceExhaustedError(None, None, f"OOM when allocating batch {batch}")
+        return real_measure(cases, *args, **kwargs)
 
     monkeypatch.setattr(bench, "_measure", measure)
     output = tmp_path / "bench.json"
@@ -270,6 +330,7 @@ def test_largest_fitting_batch_halves_then_bisects(limit, too_large, multiple, e
         (["--steps", "-1"], "--steps must be a positive integer, got -1"),
         (["--warmup-steps", "0"], "--warmup-steps must be a positive integer, got 0"),
         (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
+        (["--chunk-steps", "0"], "--chunk-steps must be a positive integer, got 0"),
         (["--models", "resnet50", "--image-size", "16"], "16 is smaller than resnet50's total stride 32"),
         (["--precision", "float64"], "unknown --precision 'float64'; choose from"),
         (["--jit-compile", "maybe"], "unknown --jit-compile 'maybe'; choose from ['on', 'off']"),
@@ -363,7 +424,7 @@ def test_a_reference_whose_own_process_fails_is_one_error_naming_it(tmp_path, mo
     case = bench.Case("resnet50", 32, 2, "float32", "auto", "memory", reference="alone")
     plan = bench._Plan(None, {}, 3, 10, None, [case])
     with pytest.raises(RuntimeError, match=r"keras.ResNet50-alone failed in its own process \(exit 1\): no "):
-        bench._measure_alone(case, plan, Settings(steps=1, warmup_steps=1))
+        bench._measure_alone((case,), plan, Settings(steps=1, warmup_steps=1))
 
 
 def test_pipeline_only_times_make_dataset_for_each_image_and_batch_size(digits_root, tmp_path, capsys):

@@ -11,6 +11,11 @@ throughput. With `--repeats N` every case is measured N times, in rounds whose o
 median runs over the timed steps of all rounds: a slow spell of a shared machine, or the position of a
 case in the process, then weighs on every case alike.
 
+The inputs of one model (`--input pipeline memory`) are timed on one model, in alternating chunks of
+`--chunk-steps` steps in the order A B B A A B ..., each chunk after an untimed step that starts its
+iterator: the pipeline / memory ratio then sets like against like, and a drift of the machine's speed
+weighs on both inputs alike.
+
 The reference is `keras.applications.ResNet50(weights=None)` compiled with Keras's defaults
 (`jit_compile="auto"`, which Keras resolves to off on a CPU-only machine and under tf.distribute), on the
 same input, batch, optimizer and loss, measured twice: in this process (`keras.ResNet50`), where it shares
@@ -37,6 +42,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import resource
@@ -136,7 +142,8 @@ class Settings:
         jit_compile: "on" and/or "off" for our models.
         inputs: "pipeline" and/or "memory".
         warmup_steps: untimed steps first; the first step traces and compiles, so at least 1.
-        repeats: rounds over all cases, each starting one case later; a case's steps are pooled.
+        repeats: rounds over all cases, each starting one model later; a case's steps are pooled.
+        chunk_steps: the inputs of one model alternate every this many timed steps.
         keras_reference: add `keras.applications.ResNet50` beside our resnet50 for every image size, batch,
             precision and input, in this process and alone.
         channels, classes: shape of the `memory` input when no `pipeline` case fixes it (None: CIFAR-10's).
@@ -151,6 +158,7 @@ class Settings:
     steps: int = 20
     warmup_steps: int = 5
     repeats: int = 1
+    chunk_steps: int = 5
     keras_reference: bool = False
     channels: int | None = None
     classes: int | None = None
@@ -200,7 +208,7 @@ def check(settings: Settings, overrides: Sequence[str] = ()) -> _Plan:
     """
     from resnet_lab.models import get_arch, total_stride
 
-    for name in ("steps", "warmup_steps", "repeats"):
+    for name in ("steps", "warmup_steps", "repeats", "chunk_steps"):
         _positive(name.replace("_", "-"), getattr(settings, name))
     for name, values in (("image-size", settings.image_sizes), ("batch-size", settings.batch_sizes)):
         if not values:
@@ -323,18 +331,19 @@ def _bench(settings: Settings, plan: _Plan) -> dict:
     dtypes = dict.fromkeys(["float32", *(COMPUTE_DTYPES[p] for p in settings.precisions)])
     ceilings = {dtype: matmul_ceiling(dtype) for dtype in dtypes}
     rounds: dict[Case, list[dict]] = {case: [] for case in plan.cases}
+    groups = twins(plan.cases)
     for index in range(settings.repeats):
-        shift = index % len(plan.cases)
-        for case in plan.cases[shift:] + plan.cases[:shift]:
-            if any("error" in record for record in rounds[case]):
+        shift = index % len(groups)
+        for group in groups[shift:] + groups[:shift]:
+            if any("error" in record for record in rounds[group[0]]):
                 continue  # out of memory once: the search for the largest batch has been done
-            rounds[case].append(
-                _measure_alone(case, plan, settings)
-                if case.reference == "alone"
-                else _run_case(
-                    case, plan, strategy, machine, steps=settings.steps, warmup_steps=settings.warmup_steps
-                )
+            measured = (
+                _measure_alone(group, plan, settings)
+                if group[0].reference == "alone"
+                else _run_twins(group, plan, strategy, machine, settings)
             )
+            for case, record in zip(group, measured, strict=True):
+                rounds[case].append(record)
     records = [_pool(rounds[case]) for case in plan.cases]
 
     # Measured again after the cases, the best kept: on a shared machine one moment can be a busy one.
@@ -420,21 +429,33 @@ def render_pipeline(report: dict) -> str:
     return "\n".join([title, *("| " + " | ".join(row) + " |" for row in rows)])
 
 
-def _run_case(case: Case, plan: _Plan, strategy, machine: dict, *, steps: int, warmup_steps: int) -> dict:
-    """Measure one case in this process; one that runs out of memory: the largest batch that fits."""
+def twins(cases: Sequence[Case]) -> list[tuple[Case, ...]]:
+    """The cases grouped by everything but their input, in the order they first appear."""
+    groups: dict[Case, list[Case]] = {}
+    for case in cases:
+        groups.setdefault(replace(case, input=""), []).append(case)
+    return [tuple(group) for group in groups.values()]
+
+
+def _run_twins(cases: Sequence[Case], plan: _Plan, strategy, machine: dict, settings: Settings) -> list[dict]:
+    """Measure cases that differ only in their input, on one model in this process; one record each.
+
+    Cases that run out of memory: a record each that names the largest batch that fits.
+    """
     import tensorflow as tf
 
-    def measure(batch: int, steps: int, warmup_steps: int) -> dict:
-        sized = replace(case, batch_size=batch)
+    def measure(batch: int, steps: int, warmup_steps: int) -> list[dict]:
+        sized = [replace(case, batch_size=batch) for case in cases]
         return _measure(
-            sized, _case_config(plan.model_cfgs[case.model], sized), strategy,
-            steps=steps, warmup_steps=warmup_steps, channels=plan.channels, classes=plan.classes,
+            sized, _case_config(plan.model_cfgs[cases[0].model], sized[0]), strategy,
+            steps=steps, warmup_steps=warmup_steps, chunk_steps=settings.chunk_steps,
+            channels=plan.channels, classes=plan.classes,
         )  # fmt: skip
 
     try:
-        return measure(case.batch_size, steps, warmup_steps)
+        return measure(cases[0].batch_size, settings.steps, settings.warmup_steps)
     except (tf.errors.ResourceExhaustedError, MemoryError) as exc:
-        return _out_of_memory(case, exc, measure, strategy.num_replicas_in_sync, machine)
+        return _out_of_memory(cases, exc, measure, strategy.num_replicas_in_sync, machine)
 
 
 # TensorFlow first: it reads TF_ENABLE_ONEDNN_OPTS once, when it loads, so the setting resnet_lab's import
@@ -442,8 +463,8 @@ def _run_case(case: Case, plan: _Plan, strategy, machine: dict, *, steps: int, w
 _ALONE_ENTRY = "import sys, tensorflow; from resnet_lab.bench import _alone_main; _alone_main(sys.argv[1])"
 
 
-def _measure_alone(case: Case, plan: _Plan, settings: Settings) -> dict:
-    """Measure a case in a Python process of its own, with TensorFlow's defaults rather than the package's.
+def _measure_alone(cases: Sequence[Case], plan: _Plan, settings: Settings) -> list[dict]:
+    """`_run_twins` in a Python process of its own, with TensorFlow's defaults rather than the package's.
 
     Raises:
         RuntimeError: the process failed; the message holds the last line it wrote to stderr.
@@ -456,10 +477,9 @@ def _measure_alone(case: Case, plan: _Plan, settings: Settings) -> dict:
     with tempfile.TemporaryDirectory(prefix="resnet-lab-bench-") as tmp:
         output = Path(tmp) / "record.json"
         request = {
-            "case": asdict(case),
+            "cases": [asdict(case) for case in cases],
             "overrides": plan.overrides,
-            "steps": settings.steps,
-            "warmup_steps": settings.warmup_steps,
+            "settings": asdict(settings),
             "channels": plan.channels,
             "classes": plan.classes,
             "output": str(output),
@@ -470,24 +490,24 @@ def _measure_alone(case: Case, plan: _Plan, settings: Settings) -> dict:
         )  # fmt: skip
         if result.returncode != 0 or not output.exists():
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{case.label} failed in its own process (exit {result.returncode}): {last}")
+            label = cases[0].label
+            raise RuntimeError(f"{label} failed in its own process (exit {result.returncode}): {last}")
         return json.loads(output.read_text())
 
 
 def _alone_main(request_text: str) -> None:
-    """The process `_measure_alone` starts: measure the one case it names, write its record."""
+    """The process `_measure_alone` starts: measure the cases it names, write their records."""
     from resnet_lab.train import make_strategy
 
     request = json.loads(request_text)
-    case = Case(**request["case"])
-    cfg = _compose([*request["overrides"], f"model={case.model}"])
+    cases = [Case(**case) for case in request["cases"]]
+    settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in request["settings"].items()})
+    model = cases[0].model
+    cfg = _compose([*request["overrides"], f"model={model}"])
     strategy = make_strategy(cfg)
-    plan = _Plan(cfg, {case.model: cfg}, request["channels"], request["classes"], None, [case])
-    record = _run_case(
-        case, plan, strategy, describe_machine(strategy),
-        steps=request["steps"], warmup_steps=request["warmup_steps"],
-    )  # fmt: skip
-    write_json(request["output"], record)
+    plan = _Plan(cfg, {model: cfg}, request["channels"], request["classes"], None, cases)
+    records = _run_twins(cases, plan, strategy, describe_machine(strategy), settings)
+    write_json(request["output"], records)
 
 
 def onednn_enabled() -> bool | None:
@@ -568,39 +588,58 @@ class _PeakMemory:
 
 
 def _measure(
-    case: Case, cfg: DictConfig, strategy, *, steps: int, warmup_steps: int, channels: int, classes: int
-) -> dict:
-    """Train one case for `warmup_steps + steps` steps and time the last `steps`."""
+    cases: Sequence[Case],
+    cfg: DictConfig,
+    strategy,
+    *,
+    steps: int,
+    warmup_steps: int,
+    chunk_steps: int,
+    channels: int,
+    classes: int,
+) -> list[dict]:
+    """Train one model on the input of each case in turn, as `chunk_schedule` says, and time the steps.
+
+    The cases differ only in their input. They share the model and the process, so they share one peak of
+    memory too.
+    """
     import keras
     import numpy as np
     import tensorflow as tf
 
     from resnet_lab.models import build_from_config, count_macs, count_params
 
+    case = cases[0]
     keras.backend.clear_session()
     keras.utils.set_random_seed(int(cfg.seed))
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(case.precision)
     try:
         shape = (case.image_size, case.image_size, channels)
-        dataset = _dataset(case, cfg, shape, classes)
-        total_steps = warmup_steps + steps
+        datasets = [_dataset(c, cfg, shape, classes) for c in cases]
+        schedule = chunk_schedule(len(cases), steps, warmup_steps, chunk_steps)
         with strategy.scope():
             if case.reference:
                 model = keras.applications.ResNet50(weights=None, input_shape=shape, classes=classes)
             else:
                 model = build_from_config(cfg.model, classes, shape, cfg.optimizer.weight_decay)
+            total_steps = sum(untimed + timed for _, untimed, timed in schedule)
             _compile(model, cfg, total_steps, reference=case.reference is not None)
-        clock = _step_clock()
         gpus = [d.name.rsplit("device:", 1)[-1] for d in tf.config.list_logical_devices("GPU")]
+        step_times: list[list[float]] = [[] for _ in cases]
+        losses = [math.nan for _ in cases]
         with _PeakMemory(gpus) as memory:
-            history = model.fit(
-                dataset, epochs=1, steps_per_epoch=total_steps, callbacks=[clock], shuffle=False, verbose=0
-            )
+            for index, untimed, timed in schedule:
+                clock = _step_clock()
+                history = model.fit(
+                    datasets[index], epochs=1, steps_per_epoch=untimed + timed, callbacks=[clock],
+                    shuffle=False, verbose=0,
+                )  # fmt: skip
+                # Differences of the ends: the first step, which starts the iterator, is never timed.
+                step_times[index] += [float(t) for t in np.diff(clock.ends)[untimed - 1 :]]
+                losses[index] = float(history.history["loss"][-1])
         macs = count_macs(model)
-        record = {
-            "key": case.key,
-            "model": case.label,
+        shared = {
             "implementation": KERAS_REFERENCE if case.reference else "resnet_lab",
             "reference": case.reference,
             "architecture": case.model,
@@ -612,7 +651,6 @@ def _measure(
             "compute_dtype": COMPUTE_DTYPES[case.precision],
             "jit_compile_setting": case.jit_compile,
             "jit_compile": bool(model.jit_compile),
-            "input": case.input,
             "replicas": strategy.num_replicas_in_sync,
             "devices": _strategy_devices(strategy),
             "onednn": onednn_enabled(),
@@ -625,11 +663,35 @@ def _measure(
             "peak_rss_bytes": memory.peak_rss,
             "process_max_rss_bytes": _max_rss_bytes(),
             "peak_device_memory_bytes": memory.peak_device,
-            "loss": float(history.history["loss"][-1]),
         }
-        return _with_throughput(record, [float(t) for t in np.diff(clock.ends)[warmup_steps - 1 :]])
+        return [
+            _with_throughput(
+                {"key": c.key, "model": c.label, **shared, "input": c.input, "loss": loss}, times
+            )
+            for c, times, loss in zip(cases, step_times, losses, strict=True)
+        ]
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def chunk_schedule(
+    inputs: int, steps: int, warmup_steps: int, chunk_steps: int
+) -> list[tuple[int, int, int]]:
+    """The order in which one model trains on several inputs: `(input, untimed steps, timed steps)` chunks.
+
+    Every input gets `steps` timed steps, in chunks of at most `chunk_steps`, the inputs taking turns in
+    the order A B B A A B ... (each pair of turns reversed), so a steady drift of the machine's speed weighs
+    on every input alike. An input's first chunk starts with `warmup_steps` untimed steps (tracing,
+    compilation), every later one with one (a new iterator).
+    """
+    chunks = (
+        [min(chunk_steps, steps - start) for start in range(0, steps, chunk_steps)] if inputs > 1 else [steps]
+    )
+    schedule = []
+    for turn, timed in enumerate(chunks):
+        order = range(inputs) if turn % 2 == 0 else reversed(range(inputs))
+        schedule += [(index, warmup_steps if turn == 0 else 1, timed) for index in order]
+    return schedule
 
 
 def _with_throughput(record: dict, step_times: list[float]) -> dict:
@@ -696,8 +758,12 @@ def _dataset(case: Case, cfg: DictConfig, shape: tuple[int, int, int], classes: 
 
 
 def _out_of_memory(
-    case: Case, exc: BaseException, measure: Callable[..., dict], replicas: int, machine: dict
-) -> dict:
+    cases: Sequence[Case],
+    exc: BaseException,
+    measure: Callable[..., list[dict]],
+    replicas: int,
+    machine: dict,
+) -> list[dict]:
     import tensorflow as tf
 
     def fits(batch: int) -> bool:
@@ -707,6 +773,7 @@ def _out_of_memory(
         except (tf.errors.ResourceExhaustedError, MemoryError):
             return False
 
+    case = cases[0]
     largest = largest_fitting_batch(fits, case.batch_size, multiple=replicas)
     where = machine["device"]
     message = (
@@ -714,6 +781,10 @@ def _out_of_memory(
         f"{where} ({type(exc).__name__}); "
         + (f"the largest batch that fit is {largest}" if largest else f"not even a batch of {replicas} fits")
     )
+    return [_error_record(c, message, largest) for c in cases]
+
+
+def _error_record(case: Case, message: str, largest: int | None) -> dict:
     return {
         "key": case.key,
         "model": case.label,
@@ -1103,7 +1174,7 @@ def _param_text(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
 
 
-def write_json(path: str | os.PathLike, report: dict) -> None:
+def write_json(path: str | os.PathLike, report: dict | list) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -1139,6 +1210,8 @@ def _parser() -> argparse.ArgumentParser:
         help="untimed steps first: tracing and XLA compilation")  # fmt: skip
     add("--repeats", type=int, default=defaults.repeats,
         help="measure every case this many times, in rounds of rotating order; pool the steps")  # fmt: skip
+    add("--chunk-steps", type=int, default=defaults.chunk_steps,
+        help="several inputs: each model alternates between them every this many timed steps")  # fmt: skip
     add("--keras-reference", action="store_true",
         help=f"add {KERAS_REFERENCE} under Keras's default compile settings beside our resnet50, in this "
         "process and alone in one with TensorFlow's defaults")  # fmt: skip
@@ -1169,6 +1242,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
         warmup_steps=args.warmup_steps,
         repeats=args.repeats,
+        chunk_steps=args.chunk_steps,
         keras_reference=args.keras_reference,
         channels=args.channels,
         classes=args.classes,
