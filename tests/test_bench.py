@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -39,6 +40,7 @@ CASE_FIELDS = {
     "devices", "onednn", "warmup_steps", "steps", "repeats", "images_per_sec", "images_per_sec_mean",
     "step_time_s", "step_times_s", "params", "macs_per_image", "flops_per_image", "achieved_flops_per_sec",
     "matmul_fraction", "peak_rss_bytes", "process_max_rss_bytes", "peak_device_memory_bytes", "loss",
+    "chunk_sizes",
 }  # fmt: skip
 POSITIVE_FIELDS = (
     "images_per_sec", "images_per_sec_mean", "step_time_s", "macs_per_image", "params",
@@ -60,7 +62,7 @@ def _check_case(case: dict, ceilings: dict) -> None:
     assert set(case) == CASE_FIELDS, set(case) ^ CASE_FIELDS
     for key in POSITIVE_FIELDS:
         assert case[key] > 0, key
-    assert len(case["step_times_s"]) == case["steps"] * case["repeats"]
+    assert len(case["step_times_s"]) == case["steps"] * case["repeats"] == sum(case["chunk_sizes"])
     assert all(t > 0 for t in case["step_times_s"])
     assert case["step_time_s"] == pytest.approx(statistics.median(case["step_times_s"]))
     assert case["step_time_s"] * case["images_per_sec"] == pytest.approx(case["batch_size"])
@@ -112,6 +114,10 @@ def test_cli_writes_the_table_and_a_report_with_every_field(digits_root, tmp_pat
         memory = by_key[f"resnet8_8px_b8_float32_jit-{row['jit_compile_setting']}_memory"]
         assert row["ratio"] == pytest.approx(pipeline["images_per_sec"] / memory["images_per_sec"])
         assert row["meets_goal"] == (row["ratio"] >= 0.97)
+        # --chunk-steps 1: as many chunk pairs as timed steps, and an interval around the ratio.
+        assert row["chunk_pairs"] == pipeline["steps"] == len(pipeline["chunk_sizes"])
+        low, high = row["ratio_ci95"]
+        assert low <= row["ratio"] <= high
     for row in comparisons["xla"]:
         on = by_key[f"resnet8_8px_b8_float32_jit-on_{row['input']}"]
         off = by_key[f"resnet8_8px_b8_float32_jit-off_{row['input']}"]
@@ -147,6 +153,7 @@ def test_repeats_measure_every_case_in_rounds_of_rotating_order_and_pool_the_ste
         _check_case(case, report["matmul_ceiling"])
         first, second = rounds[case["model"]]
         assert case["repeats"] == 2 and case["step_times_s"] == first["step_times_s"] + second["step_times_s"]
+        assert case["chunk_sizes"] == first["chunk_sizes"] + second["chunk_sizes"]
         # The process grows round by round: the smaller peak is the closer bound on the case's own needs.
         assert case["peak_rss_bytes"] == min(first["peak_rss_bytes"], second["peak_rss_bytes"])
         assert case["loss"] == second["loss"]
@@ -211,6 +218,41 @@ def test_pipeline_and_memory_train_one_model_in_alternation(digits_root, tmp_pat
     assert row["ratio"] == pytest.approx(pipeline["images_per_sec"] / memory["images_per_sec"])
 
 
+def _twin_records(pipeline_chunks, memory_chunks):
+    records = []
+    for chunks in (pipeline_chunks, memory_chunks):
+        records.append(
+            {"step_times_s": [t for chunk in chunks for t in chunk], "chunk_sizes": [len(c) for c in chunks]}
+        )
+    return records
+
+
+def test_the_ratio_interval_resamples_pairs_of_chunks():
+    # The machine's speed swings fourfold from chunk to chunk, the pipeline is 10% slower within every pair:
+    # resampling whole pairs sees only the 10%. Resampling steps of each input apart would not.
+    speeds = [1.0, 4.0, 2.0, 1.5, 3.0, 1.2]
+    memory = [[speed, speed * 1.01] for speed in speeds]
+    pipeline = [[1.1 * t for t in chunk] for chunk in memory]
+    low, high = bench.ratio_interval(*_twin_records(pipeline, memory))
+    assert low == pytest.approx(1 / 1.1) and high == pytest.approx(1 / 1.1)
+
+
+def test_the_ratio_interval_narrows_with_more_pairs_and_needs_two():
+    rng = np.random.default_rng(1)
+
+    def interval(pairs):
+        memory = [list(rng.lognormal(0, 0.1, 3)) for _ in range(pairs)]
+        pipeline = [list(rng.lognormal(0, 0.1, 3)) for _ in range(pairs)]
+        records = _twin_records(pipeline, memory)
+        ratio = statistics.median(records[1]["step_times_s"]) / statistics.median(records[0]["step_times_s"])
+        low, high = bench.ratio_interval(*records)
+        assert low < ratio < high
+        return high - low
+
+    assert interval(100) < interval(5) / 2
+    assert bench.ratio_interval(*_twin_records([[1.0, 1.0]], [[1.0, 1.0]])) is None
+
+
 def test_mixed_precision_runs_on_the_cpu_and_restores_the_policy(tmp_path):
     import keras
 
@@ -252,10 +294,12 @@ def test_mirrored_strategy_over_two_logical_cpus(digits_root, tmp_path):
 
 def test_mlflow_run_holds_the_numbers(digits_root, tmp_path, capsys):
     output = tmp_path / "bench.json"
-    main(["--models", "plain8", *TINY_BENCH, "--jit-compile", "off", "--input", "memory", "--mlflow",
-          "--output", str(output), *path_overrides(digits_root, tmp_path)])  # fmt: skip
+    main(["--models", "plain8", *TINY_BENCH, "--jit-compile", "off", "--input", "memory", "pipeline",
+          "--chunk-steps", "1", "--mlflow", "--output", str(output),
+          *path_overrides(digits_root, tmp_path)])  # fmt: skip
     report = json.loads(output.read_text())
-    (case,) = report["cases"]
+    case, _ = report["cases"]
+    (comparison,) = report["comparisons"]["pipeline_vs_memory"]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("resnet-lab").experiment_id])
@@ -266,6 +310,10 @@ def test_mlflow_run_holds_the_numbers(digits_root, tmp_path, capsys):
     assert metrics[f"{case['key']}/matmul_fraction"] == pytest.approx(case["matmul_fraction"])
     ceiling = report["matmul_ceiling"]["float32"]["flops_per_sec"]
     assert metrics["matmul_ceiling/float32"] == pytest.approx(ceiling)
+    assert metrics[comparison["key"]] == pytest.approx(comparison["ratio"])
+    low, high = comparison["ratio_ci95"]
+    assert metrics[f"{comparison['key']}/ci95_low"] == pytest.approx(low)
+    assert metrics[f"{comparison['key']}/ci95_high"] == pytest.approx(high)
     assert run.data.params["settings.models"] == "plain8" and run.data.params["machine.replicas"] == "1"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"bench.json", "bench.txt"}
 

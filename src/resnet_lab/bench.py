@@ -14,7 +14,7 @@ case in the process, then weighs on every case alike.
 The inputs of one model (`--input pipeline memory`) are timed on one model, in alternating chunks of
 `--chunk-steps` steps in the order A B B A A B ..., each chunk after an untimed step that starts its
 iterator: the pipeline / memory ratio then sets like against like, and a drift of the machine's speed
-weighs on both inputs alike.
+weighs on both inputs alike. Its 95% interval comes from a bootstrap over the chunk pairs.
 
 The reference is `keras.applications.ResNet50(weights=None)` compiled with Keras's defaults
 (`jit_compile="auto"`, which Keras resolves to off on a CPU-only machine and under tf.distribute), on the
@@ -143,7 +143,8 @@ class Settings:
         inputs: "pipeline" and/or "memory".
         warmup_steps: untimed steps first; the first step traces and compiles, so at least 1.
         repeats: rounds over all cases, each starting one model later; a case's steps are pooled.
-        chunk_steps: the inputs of one model alternate every this many timed steps.
+        chunk_steps: the inputs of one model alternate every this many timed steps. Short chunks keep the
+            two chunks of a pair close in time; each costs one untimed step for its new iterator.
         keras_reference: add `keras.applications.ResNet50` beside our resnet50 for every image size, batch,
             precision and input, in this process and alone.
         channels, classes: shape of the `memory` input when no `pipeline` case fixes it (None: CIFAR-10's).
@@ -158,7 +159,7 @@ class Settings:
     steps: int = 20
     warmup_steps: int = 5
     repeats: int = 1
-    chunk_steps: int = 5
+    chunk_steps: int = 2
     keras_reference: bool = False
     channels: int | None = None
     classes: int | None = None
@@ -666,10 +667,14 @@ def _measure(
         }
         return [
             _with_throughput(
-                {"key": c.key, "model": c.label, **shared, "input": c.input, "loss": loss}, times
+                {
+                    "key": c.key, "model": c.label, **shared, "input": c.input, "loss": loss,
+                    "chunk_sizes": [timed for i, _, timed in schedule if i == index],
+                },
+                times,
             )
-            for c, times, loss in zip(cases, step_times, losses, strict=True)
-        ]
+            for index, (c, times, loss) in enumerate(zip(cases, step_times, losses, strict=True))
+        ]  # fmt: skip
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -719,6 +724,7 @@ def _pool(rounds: list[dict]) -> dict:
     pooled = {
         **rounds[-1],
         "repeats": len(rounds),
+        "chunk_sizes": [size for r in rounds for size in r["chunk_sizes"]],
         "peak_rss_bytes": min(r["peak_rss_bytes"] for r in rounds),
         "process_max_rss_bytes": max(r["process_max_rss_bytes"] for r in rounds),
     }
@@ -933,8 +939,8 @@ def compare(records: Sequence[dict]) -> dict:
         Lists of rows with `key`, `ratio`, both throughputs and the shared settings:
         `keras_reference` (our resnet50 / Keras's ResNet50, in this process and alone; goal
         `KERAS_SPEEDUP_GOAL`; keys `keras_reference/...` and `keras_reference_alone/...`),
-        `pipeline_vs_memory` (the real pipeline / in-memory tensors; goal `PIPELINE_RATIO_GOAL`), `xla`
-        (jit_compile on / off).
+        `pipeline_vs_memory` (the real pipeline / in-memory tensors; goal `PIPELINE_RATIO_GOAL`; with the
+        number of `chunk_pairs` and their bootstrap `ratio_ci95`), `xla` (jit_compile on / off).
     """
     done = [r for r in records if "images_per_sec" in r]
     shared = ("image_size", "batch_size", "precision")
@@ -975,12 +981,15 @@ def compare(records: Sequence[dict]) -> dict:
         }
         for ours, ref in pairs(ours_resnet50, _is_reference, (*shared, "input"))
     ]
+    twin_keys = ("model", *shared, "jit_compile_setting")
     pipeline_vs_memory = [
-        row("pipeline_vs_memory", pipe, mem, ("model", *shared, "jit_compile_setting"), PIPELINE_RATIO_GOAL)
+        {
+            **row("pipeline_vs_memory", pipe, mem, twin_keys, PIPELINE_RATIO_GOAL),
+            "chunk_pairs": len(pipe["chunk_sizes"]),
+            "ratio_ci95": ratio_interval(pipe, mem),
+        }
         for pipe, mem in pairs(
-            lambda r: r["input"] == "pipeline",
-            lambda r: r["input"] == "memory",
-            ("model", *shared, "jit_compile_setting"),
+            lambda r: r["input"] == "pipeline", lambda r: r["input"] == "memory", twin_keys
         )
     ]
     xla = [
@@ -992,6 +1001,38 @@ def compare(records: Sequence[dict]) -> dict:
         )
     ]
     return {"keras_reference": keras_reference, "pipeline_vs_memory": pipeline_vs_memory, "xla": xla}
+
+
+def ratio_interval(
+    numerator: dict, denominator: dict, *, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> list[float] | None:
+    """A bootstrap interval of `numerator` / `denominator` images per second, for two inputs of one model.
+
+    The resampled unit is a pair of chunks, one of each input, timed back to back: the machine's slow and
+    fast spells last longer than a step, so steps are not independent, but a pair sees the same spell. Each
+    resample recomputes the ratio the table reports, of the median step times over the chosen chunks.
+
+    Returns:
+        `[low, high]`, or None with fewer than two chunk pairs.
+    """
+    import numpy as np
+
+    def chunks(record: dict) -> list[np.ndarray]:
+        bounds = np.cumsum(record["chunk_sizes"])[:-1]
+        return np.split(np.asarray(record["step_times_s"]), bounds)
+
+    if numerator["chunk_sizes"] != denominator["chunk_sizes"] or len(numerator["chunk_sizes"]) < 2:
+        return None
+    ours, base = chunks(numerator), chunks(denominator)
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for picks in rng.integers(0, len(ours), size=(resamples, len(ours))):
+        ratios.append(
+            np.median(np.concatenate([base[i] for i in picks]))
+            / np.median(np.concatenate([ours[i] for i in picks]))
+        )
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return [float(low), float(high)]
 
 
 _KEY_PARTS = {"image_size": "{}px", "batch_size": "b{}", "jit_compile_setting": "jit-{}"}
@@ -1074,9 +1115,13 @@ def render(report: dict) -> str:
             f"{_where(row)} {row['input']}: {_verdict(row, 'x')}"
         )
     for row in comparisons["pipeline_vs_memory"]:
+        spread = ""
+        if row["ratio_ci95"] is not None:
+            low, high = row["ratio_ci95"]
+            spread = f", 95% interval {low:.3f}-{high:.3f} over {row['chunk_pairs']} chunk pairs"
         lines.append(
             f"pipeline / memory, {row['model']} xla {row['jit_compile_setting']}, {_where(row)}: "
-            f"{_verdict(row)}"
+            f"{_verdict(row)}{spread}"
         )
     for row in comparisons["xla"]:
         lines.append(f"xla on / off, {row['model']}, {_where(row)} {row['input']}: {row['ratio']:.2f}x")
@@ -1145,7 +1190,10 @@ class _BenchRun:
                 if record.get(name) is not None:
                     metrics[f"{record['key']}/{name}"] = record[name]
         for rows in report["comparisons"].values():
-            metrics.update({row["key"]: row["ratio"] for row in rows})
+            for row in rows:
+                metrics[row["key"]] = row["ratio"]
+                if row.get("ratio_ci95") is not None:
+                    metrics[f"{row['key']}/ci95_low"], metrics[f"{row['key']}/ci95_high"] = row["ratio_ci95"]
         now = int(time.time() * 1000)
         params = [Param(k, v[:6000]) for k, v in params.items()]
         metrics = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
