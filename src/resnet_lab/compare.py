@@ -2,8 +2,10 @@
 
     python -m resnet_lab.compare [--params params.yaml]
 
-It reads each member's run directory (`summary.json`, `history.csv`) and `test.json`, and writes to
-`<paths.reports_dir>/`: `degradation.md` (the verdict first, then the table, the figure and the method),
+It reads each member's run directory (`summary.json`, `history.csv`) and its evaluation
+(`<paths.metrics_dir>/<model>-<seed>.json`: the clean final training error, the study's endpoint), tests the
+claims registered in `study.claims`, and writes to `<paths.reports_dir>/`: `degradation.md` (the design it
+ran, the verdict, the claims with their tests, the table, the figure),
 `learning_curves.png`, `verdict.json` (flat numbers and booleans for `dvc metrics`), `curves.csv` (long
 learning curves: model, seed, epoch, train_error, val_error) and `curves_by_model.csv` (seed means, one
 column per model and curve, for stock `dvc plots` templates). The files and the verdict's numbers are also
@@ -20,10 +22,12 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab.config import run_dir, stage_config
+from resnet_lab.config import member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
-from resnet_lab.evaluate import metrics_dir
+from resnet_lab.evaluate import metrics_path, study_members
 from resnet_lab.report import (
+    check_design,
+    convergence,
     curves_by_model,
     curves_frame,
     member_record,
@@ -46,73 +50,101 @@ STUDY_KIND_TAG = "resnet_lab.kind"
 ARTIFACT_DIR = "report"
 
 
-def _member_config(cfg: DictConfig, model: str, seed: int) -> DictConfig:
-    # `run_dir` and `metrics_dir` name a member's directories from `model.name` and `seed`: reuse, not copy.
-    return OmegaConf.merge(cfg, {"model": {"name": model}, "seed": seed})
+def _claims(cfg: DictConfig) -> list[dict]:
+    return [dict(claim) for claim in OmegaConf.to_container(cfg.study.get("claims") or [], resolve=True)]
+
+
+def check_study(cfg: DictConfig) -> None:
+    """Reject a study that cannot be tested as registered (`resnet_lab.report.check_design`).
+
+    Raises:
+        ConfigError: the fault, in one line.
+    """
+    models = list(cfg.study.models)
+    for model in models:
+        try:
+            parse_model_name(model)
+        except ValueError as exc:
+            raise ConfigError(f"study.models: {exc}") from None
+    try:
+        check_design(models, _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_members(cfg: DictConfig) -> list[dict]:
-    """Read every study member's training summary, learning curves and test metrics.
+    """Read every study member's training summary, learning curves and evaluation.
 
     Args:
         cfg: the composed configuration (`study`, `paths`).
 
     Returns:
         One dict per member, models outer and seeds inner: `model`, `seed`, `summary` (summary.json),
-        `history` (history.csv as a DataFrame) and `test` (test.json).
+        `history` (history.csv as a DataFrame) and `evaluation` (`<model>-<seed>.json`).
 
     Raises:
-        ConfigError: the study is empty, names an unknown model, or members have not been trained or
-            evaluated; the message names each such member and the stage to run.
+        ConfigError: the study is empty or not testable as registered, or members have not been trained
+            or evaluated; the message names each such member and the stage to run.
     """
-    models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
-    if not models or not seeds:
-        raise ConfigError(f"the study needs models and seeds; study.models={models}, study.seeds={seeds}")
-    for model in models:
-        try:
-            parse_model_name(model)
-        except ValueError as exc:
-            raise ConfigError(f"study.models: {exc}") from None
-
+    members_cfg = study_members(cfg)
+    check_study(cfg)
     members, incomplete = [], []
-    for model in models:
-        for seed in seeds:
-            member_cfg = _member_config(cfg, model, seed)
-            run_path, test_path = run_dir(member_cfg), metrics_dir(member_cfg) / "test.json"
-            needed = [
-                (run_path / "summary.json", "train"),
-                (run_path / "history.csv", "train"),
-                (test_path, "evaluate"),
-            ]
-            absent = [(path, stage) for path, stage in needed if not path.is_file()]
-            if absent:
-                path, stage = absent[0]
-                incomplete.append(f"{model} seed {seed} ({path} not found: run {stage}@{model}-{seed})")
-                continue
-            members.append(
-                {
-                    "model": model,
-                    "seed": seed,
-                    "summary": json.loads((run_path / "summary.json").read_text()),
-                    "history": pd.read_csv(run_path / "history.csv"),
-                    "test": json.loads(test_path.read_text()),
-                }
-            )
+    for member_cfg in members_cfg:
+        model, seed = str(member_cfg.model.name), int(member_cfg.seed)
+        run_path, evaluation_path = run_dir(member_cfg), metrics_path(member_cfg)
+        needed = [
+            (run_path / "summary.json", f"train@{member_name(member_cfg)}"),
+            (run_path / "history.csv", f"train@{member_name(member_cfg)}"),
+            (evaluation_path, "evaluate"),
+        ]
+        absent = [(path, stage) for path, stage in needed if not path.is_file()]
+        if absent:
+            path, stage = absent[0]
+            incomplete.append(f"{model} seed {seed} ({path} not found: run {stage})")
+            continue
+        members.append(
+            {
+                "model": model,
+                "seed": seed,
+                "summary": json.loads((run_path / "summary.json").read_text()),
+                "history": pd.read_csv(run_path / "history.csv"),
+                "evaluation": json.loads(evaluation_path.read_text()),
+            }
+        )
     if incomplete:
         raise ConfigError(f"study members not ready: {'; '.join(incomplete)}")
     return members
 
 
-def _study_metrics(result: dict, table: pd.DataFrame) -> dict[str, float]:
-    metrics = {
-        "degradation_shown": float(result["degradation_shown"]),
-        "prevented": float(result["prevented"]),
+def study_design(cfg: DictConfig, members: Sequence[dict]) -> dict:
+    """The design the study ran, as `resnet_lab.report.render_design` shows it, from the configuration."""
+    from resnet_lab.train import effective_learning_rate
+
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    steps = {m["summary"].get("steps") for m in members}
+    return {
+        "data": plain(cfg.data),
+        "models": list(cfg.study.models),
+        "seeds": [int(seed) for seed in cfg.study.seeds],
+        "model": plain(cfg.model),
+        "optimizer": plain(cfg.optimizer) | {"effective_learning_rate": effective_learning_rate(cfg)},
+        "schedule": plain(cfg.schedule),
+        "trainer": plain(cfg.trainer),
+        "steps": f"{steps.pop():,}" if len(steps) == 1 and None not in steps else "unequal or unrecorded",
+        "alpha": float(cfg.study.alpha),
+        "margin": float(cfg.study.margin),
+        "convergence": plain(cfg.study.convergence),
+        "params": {m["model"]: int(m["summary"]["params"]) for m in members},
     }
+
+
+def _study_metrics(result: dict, table: pd.DataFrame) -> dict[str, float]:
+    metrics = {}
     for key, value in result.items():
-        if key.endswith(("_difference", "_p_value")) and value is not None:
+        if key.endswith(("_difference", "_p_value", "_shown")) and value is not None:
             metrics[key] = float(value)
     for row in table.itertuples(index=False):
-        metrics[f"final_train_error_{row.model}"] = float(row.final_train_error_mean)
+        metrics[f"train_error_{row.model}"] = float(row.train_error_mean)
         metrics[f"test_error_{row.model}"] = float(row.test_error_mean)
     return metrics
 
@@ -129,14 +161,19 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
         table (`resnet_lab.report.model_table`) and the paths written.
     """
     models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
-    final_train_errors = {model: [] for model in models}
+    train_errors = {model: [] for model in models}
     for member in members:
-        final_train_errors[member["model"]].append(float(member["summary"]["final"]["error"]))
-    result = verdict(final_train_errors, tolerance=float(cfg.study.get("tolerance", 0.0)))
+        train_errors[member["model"]].append(float(member["evaluation"]["train_error"]))
+    result = verdict(
+        train_errors, _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin)
+    )
     result["study"] = {"dataset": str(cfg.data.name), "models": models, "seeds": seeds}
 
     curves = curves_frame({(member["model"], member["seed"]): member["history"] for member in members})
-    table = model_table([member_record(member["summary"], member["test"]) for member in members])
+    rule = cfg.study.convergence
+    slopes = convergence(curves, window=int(rule.window), max_decrease=float(rule.max_decrease))
+    result["convergence"] = slopes
+    table = model_table([member_record(member["summary"], member["evaluation"]) for member in members])
     reports_dir = Path(cfg.paths.reports_dir)
     with staged_files(reports_dir) as staging:
         plot_learning_curves(curves, staging / FIGURE_FILE, title=f"{cfg.data.name}: error per epoch")
@@ -144,7 +181,7 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
         curves_by_model(curves).to_csv(staging / CURVES_BY_MODEL_FILE, index=False)
         (staging / VERDICT_FILE).write_text(json.dumps(result, indent=2) + "\n")
         markdown = render_report(
-            result, render_table(table), FIGURE_FILE, dataset=str(cfg.data.name), models=models, seeds=seeds
+            result, render_table(table, slopes), FIGURE_FILE, design=study_design(cfg, members), slopes=slopes
         )
         (staging / REPORT_FILE).write_text(markdown)
     paths = [

@@ -95,9 +95,14 @@ def stage_config(argv: Sequence[str] | None = None, *, description: str = "") ->
 _ABSENT = object()
 
 
+def member_name(cfg: DictConfig) -> str:
+    """A study member's name, `<model.name>-<seed>`: its DVC stages, directories and files are named so."""
+    return f"{cfg.model.name}-{cfg.seed}"
+
+
 def run_dir(cfg: DictConfig) -> Path:
     """Where a study member's training writes: `<paths.models_dir>/<model.name>-<seed>`."""
-    return Path(cfg.paths.models_dir) / f"{cfg.model.name}-{cfg.seed}"
+    return Path(cfg.paths.models_dir) / member_name(cfg)
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -105,4 +110,4 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
 
     Not a DVC output, which DVC would delete before it reran a killed stage.
     """
-    return Path(cfg.paths.checkpoints_dir) / f"{cfg.model.name}-{cfg.seed}"
+    return Path(cfg.paths.checkpoints_dir) / member_name(cfg)

@@ -1,11 +1,14 @@
-"""The evaluate stage: a trained study member's test loss, accuracy, per-class accuracy and confusion matrix.
+"""The evaluate stage: every trained study member's clean training error and its test metrics, in one process.
 
-    python -m resnet_lab.evaluate [--params params.yaml] [model.name=plain34 seed=0]
+    python -m resnet_lab.evaluate [--params params.yaml] [study.models=[plain34] study.seeds=[0]]
 
-It reads `<paths.models_dir>/<model>-<seed>/model.keras` and writes `<paths.metrics_dir>/<model>-<seed>/`:
-`test.json` (flat numbers for `dvc metrics`), `confusion.json` (one {"actual", "predicted"} record per test
-image, the form of DVC's `confusion` plot template) and `confusion.png`. The numbers and files also go
-into the member's MLflow training run, so that one run holds the member's whole story.
+For each member it reads `<paths.models_dir>/<model>-<seed>/model.keras` and passes over the training split
+in inference mode without augmentation (the study's endpoint: the final training error, as the paper's
+Fig. 4 means it, not the running average of an epoch under augmentation and training-mode BN), the
+validation split and the test split. It writes `<paths.metrics_dir>/<model>-<seed>.json` (flat numbers for
+`dvc metrics`), and `<paths.plots_dir>/confusion/<model>-<seed>.json` (one {"actual", "predicted"} record
+per test image, the form of DVC's `confusion` plot template) and `.png`. The numbers and files also go into
+the member's MLflow training run, so that one run holds the member's whole story.
 """
 
 from __future__ import annotations
@@ -19,14 +22,18 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from resnet_lab.config import run_dir, stage_config
+from resnet_lab.config import member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.report import plot_confusion_matrix, staged_files
 from resnet_lab.tracking import tracking_uri
 
 log = logging.getLogger(__name__)
 
-TEST_METRICS = ("test_loss", "test_accuracy", "test_error")
+# What the stage logs to the member's MLflow run, split by split.
+LOGGED_METRICS = (
+    "train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_accuracy", "test_error",
+)  # fmt: skip
+SPLIT_PREFIX = {"train": "train_", "validation": "val_", "test": "test_"}
 ARTIFACT_DIR = "evaluation"
 
 
@@ -50,7 +57,12 @@ def _sparse_labels(labels, num_classes: int) -> np.ndarray:
 
 
 def evaluate_model(
-    model, dataset: Iterable, class_names: Sequence[str], *, from_logits: bool | None = None
+    model,
+    dataset: Iterable,
+    class_names: Sequence[str],
+    *,
+    from_logits: bool | None = None,
+    progress: bool = True,
 ) -> dict:
     """Test metrics of a classifier over a batched dataset, in one pass with Keras's progress bar.
 
@@ -60,6 +72,7 @@ def evaluate_model(
         class_names: the name of each class, in label order.
         from_logits: whether the outputs are logits; None reads it off the model's last layer (a softmax
             means probabilities).
+        progress: show Keras's progress bar.
 
     Returns:
         `test_loss` (mean sparse categorical cross-entropy), `test_accuracy`, `test_error` (1 - accuracy),
@@ -77,7 +90,9 @@ def evaluate_model(
     if from_logits is None:
         from_logits = not _outputs_probabilities(model)
     cardinality = int(dataset.cardinality()) if hasattr(dataset, "cardinality") else -1
-    progress = keras.utils.Progbar(cardinality if cardinality >= 0 else None, unit_name="batch")
+    progbar = keras.utils.Progbar(
+        cardinality if cardinality >= 0 else None, unit_name="batch", verbose=1 if progress else 0
+    )
 
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = 0.0
@@ -106,7 +121,7 @@ def evaluate_model(
         np.add.at(confusion, (labels, predictions), 1)
         loss_sum += float(batch_losses.sum())
         batch_accuracy = float((predictions == labels).mean())
-        progress.update(step + 1, values=[("loss", float(batch_losses.mean())), ("accuracy", batch_accuracy)])
+        progbar.update(step + 1, values=[("loss", float(batch_losses.mean())), ("accuracy", batch_accuracy)])
 
     examples = int(confusion.sum())
     if examples == 0:
@@ -142,13 +157,18 @@ def confusion_records(confusion_matrix: Sequence[Sequence[int]], class_names: Se
     ]
 
 
-def metrics_dir(cfg: DictConfig) -> Path:
-    """Where a study member's evaluation writes: `<paths.metrics_dir>/<model.name>-<seed>`."""
-    return Path(cfg.paths.metrics_dir) / f"{cfg.model.name}-{cfg.seed}"
+def metrics_path(cfg: DictConfig) -> Path:
+    """Where a study member's evaluation numbers go: `<paths.metrics_dir>/<model.name>-<seed>.json`."""
+    return Path(cfg.paths.metrics_dir) / f"{member_name(cfg)}.json"
+
+
+def confusion_dir(cfg: DictConfig) -> Path:
+    """Where the members' confusion matrices go, for `dvc plots`: `<paths.plots_dir>/confusion`."""
+    return Path(cfg.paths.plots_dir) / "confusion"
 
 
 def _log_to_training_run(
-    cfg: DictConfig, run_id: str, test_metrics: dict, files: Sequence[Path], *, step: int
+    cfg: DictConfig, run_id: str, numbers: dict, files: Sequence[Path], *, step: int
 ) -> None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -164,39 +184,46 @@ def _log_to_training_run(
         ) from exc
     timestamp = int(time.time() * 1000)
     client.log_batch(
-        run_id, metrics=[Metric(key, float(test_metrics[key]), timestamp, step) for key in TEST_METRICS]
+        run_id, metrics=[Metric(key, float(numbers[key]), timestamp, step) for key in LOGGED_METRICS]
     )
     for path in files:
         client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
 
 
-def evaluate(cfg: DictConfig) -> dict:
-    """Evaluate the study member `cfg.model.name`, `cfg.seed` on the test split, and record the result.
-
-    Args:
-        cfg: the composed configuration (`paths`, `data`, `model.name`, `seed`, `tracking`).
-
-    Returns:
-        What `test.json` holds: `test_loss`, `test_accuracy`, `test_error`, `examples` and
-        `per_class_accuracy`.
-
-    Raises:
-        ConfigError: the member was not trained (no run directory, model or summary), was trained on
-            another dataset, or its MLflow run is not in the store.
-    """
-    member = f"{cfg.model.name}-{cfg.seed}"
+def _trained_member(cfg: DictConfig) -> tuple[Path, dict]:
     run_path = run_dir(cfg)
     model_path, summary_path = run_path / "model.keras", run_path / "summary.json"
     for path in (model_path, summary_path):
         if not path.is_file():
             raise ConfigError(
                 f"{path} not found: train {cfg.model.name} seed {cfg.seed} first "
-                f"(the train stage, `dvc repro train@{member}`)"
+                f"(the train stage, `dvc repro train@{member_name(cfg)}`)"
             )
     summary = json.loads(summary_path.read_text())
     trained_on = summary.get("dataset")
     if trained_on and trained_on != cfg.data.name:
         raise ConfigError(f"{run_path} was trained on {trained_on!r}, but data.name is {cfg.data.name!r}")
+    return model_path, summary
+
+
+def evaluate(cfg: DictConfig, *, progress: bool = True) -> dict:
+    """Evaluate the study member `cfg.model.name`, `cfg.seed` on every split, and record the result.
+
+    Args:
+        cfg: the composed configuration (`paths`, `data`, `model.name`, `seed`, `tracking`).
+        progress: show a progress bar per split.
+
+    Returns:
+        What `<model>-<seed>.json` holds: `train_loss`, `train_error` (the clean pass), `val_loss`,
+        `val_error`, `test_loss`, `test_accuracy`, `test_error`, `examples` (test images) and
+        `per_class_accuracy` (test).
+
+    Raises:
+        ConfigError: the member was not trained (no run directory, model or summary), was trained on
+            another dataset, or its MLflow run is not in the store.
+    """
+    member = member_name(cfg)
+    model_path, summary = _trained_member(cfg)
 
     import keras
 
@@ -205,39 +232,82 @@ def evaluate(cfg: DictConfig) -> dict:
 
     model = keras.saving.load_model(model_path, compile=False)
     class_names = [str(name) for name in dataset_info(cfg)["class_names"]]
-    results = evaluate_model(model, make_dataset("test", cfg, training=False), class_names)
+    numbers: dict = {}
+    for split, prefix in SPLIT_PREFIX.items():
+        results = evaluate_model(
+            model, make_dataset(split, cfg, training=False), class_names, progress=progress
+        )
+        numbers[f"{prefix}loss"] = results["test_loss"]
+        numbers[f"{prefix}error"] = results["test_error"]
+    numbers["test_accuracy"] = results["test_accuracy"]
+    numbers["examples"] = results["examples"]
+    numbers["per_class_accuracy"] = results["per_class_accuracy"]
 
-    test_metrics = {key: results[key] for key in (*TEST_METRICS, "examples", "per_class_accuracy")}
-    out_dir = metrics_dir(cfg)
-    with staged_files(out_dir) as staging:
-        (staging / "test.json").write_text(json.dumps(test_metrics, indent=2) + "\n")
+    out_path, plots = metrics_path(cfg), confusion_dir(cfg)
+    with staged_files(plots) as staging:
         records = confusion_records(results["confusion_matrix"], class_names)
-        (staging / "confusion.json").write_text(json.dumps(records) + "\n")
+        (staging / f"{member}.json").write_text(json.dumps(records) + "\n")
         plot_confusion_matrix(
             results["confusion_matrix"],
             class_names,
-            staging / "confusion.png",
+            staging / f"{member}.png",
             title=f"{member} on {cfg.data.name} test: {100 * results['test_error']:.2f}% error",
         )
-    files = [out_dir / name for name in ("test.json", "confusion.json", "confusion.png")]
+    with staged_files(out_path.parent) as staging:
+        (staging / out_path.name).write_text(json.dumps(numbers, indent=2) + "\n")
+    files = [out_path, plots / f"{member}.json", plots / f"{member}.png"]
 
     run_id = summary.get("mlflow_run_id")
     if run_id:
-        _log_to_training_run(cfg, run_id, test_metrics, files, step=int(summary.get("epochs", 0)))
+        _log_to_training_run(cfg, run_id, numbers, files, step=int(summary.get("epochs", 0)))
     else:
-        log.warning("%s has no mlflow_run_id: the test metrics are not logged to MLflow", summary_path)
-    return test_metrics
+        log.warning("%s has no mlflow_run_id: the evaluation is not logged to MLflow", run_dir(cfg))
+    return numbers
+
+
+def study_members(cfg: DictConfig) -> list[DictConfig]:
+    """One configuration per study member (`study.models` x `study.seeds`), models outer.
+
+    Raises:
+        ConfigError: the study has no models or no seeds.
+    """
+    from omegaconf import OmegaConf
+
+    models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
+    if not models or not seeds:
+        raise ConfigError(f"the study needs models and seeds; study.models={models}, study.seeds={seeds}")
+    return [OmegaConf.merge(cfg, {"model": {"name": model}, "seed": seed}) for model in models for seed in seeds]
+
+
+def evaluate_study(cfg: DictConfig) -> dict[str, dict]:
+    """`evaluate` every study member in this one process (TensorFlow starts once, not once a member).
+
+    Every member is checked to be trained before any is evaluated, so a missing one costs one line.
+
+    Returns:
+        member name -> what `evaluate` returned.
+    """
+    from tqdm import tqdm
+
+    members = study_members(cfg)
+    for member_cfg in members:
+        _trained_member(member_cfg)
+    return {
+        member_name(member_cfg): evaluate(member_cfg, progress=False)
+        for member_cfg in tqdm(members, desc="evaluate", unit="member")
+    }
 
 
 @cli
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python -m resnet_lab.evaluate [--params params.yaml] [model.name=X seed=N]``."""
-    cfg = stage_config(argv, description="Evaluate a trained study member on the test split.")
-    test_metrics = evaluate(cfg)
-    print(
-        f"{cfg.model.name}-{cfg.seed}: test error {100 * test_metrics['test_error']:.2f}%, "
-        f"loss {test_metrics['test_loss']:.4f} over {test_metrics['examples']} images -> {metrics_dir(cfg)}"
-    )
+    """Command line: ``python -m resnet_lab.evaluate [--params params.yaml] [KEY=VALUE ...]``."""
+    cfg = stage_config(argv, description="Evaluate every trained study member on every split.")
+    for member, numbers in evaluate_study(cfg).items():
+        print(
+            f"{member}: training error (clean) {100 * numbers['train_error']:.2f}%, "
+            f"test error {100 * numbers['test_error']:.2f}% over {numbers['examples']} images"
+        )
+    print(f"-> {cfg.paths.metrics_dir}/, {confusion_dir(cfg)}/")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ class Arch:
 EXPANSION_LAYERS = {"basic": 2, "bottleneck": 3}
 # Output channels of a unit relative to its `filters` (Sec. 4.1, "Deeper Bottleneck Architectures").
 EXPANSION = {"basic": 1, "bottleneck": 4}
-STAGE_FILTERS = {"imagenet": (64, 128, 256, 512), "cifar": (16, 32, 64)}
+# Filters of the first stage; each later stage doubles them (Table 1: 64 to 512; Sec. 4.2: 16 to 64).
+BASE_WIDTH = {"imagenet": 64, "cifar": 16}
 DEFAULT_SHORTCUT = {"imagenet": "B", "cifar": "A"}
 
 _IMAGENET = {  # Table 1
@@ -202,6 +203,7 @@ def build_model(
     zero_init_residual: bool = False,
     bn_momentum: float = 0.9,
     weight_decay: float = 0.0,
+    width: int | None = None,
 ) -> keras.Model:
     """Build a model of the zoo with the functional API.
 
@@ -219,6 +221,9 @@ def build_model(
         bn_momentum: Keras's BatchNormalization momentum (0.9 is PyTorch's 0.1).
         weight_decay: SGD-style weight decay on conv and dense kernels; applied as an L2 penalty of
             weight_decay / 2 so its gradient is weight_decay * w, as in the paper's 1e-4.
+        width: filters of the first stage (the stem's too), doubled at every later stage, as
+            torchvision's and timm's builders allow; None takes the layout's own (64 for ImageNet, 16 for
+            CIFAR). Depth and unit structure stay the paper's; only the channel counts shrink.
 
     Returns:
         An uncompiled `keras.Model` named `name` that outputs class probabilities in float32, also under a
@@ -237,6 +242,9 @@ def build_model(
         raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    width = BASE_WIDTH[arch.layout] if width is None else width
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be a positive integer, got {width!r}")
     if len(input_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in input_shape):
         raise ValueError(
             f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}"
@@ -256,7 +264,7 @@ def build_model(
         bn_momentum=bn_momentum,
         regularizer=keras.regularizers.L2(weight_decay / 2) if weight_decay else None,
     )
-    stage_filters = STAGE_FILTERS[arch.layout]
+    stage_filters = [width * 2**stage for stage in range(len(arch.blocks_per_stage))]
     inputs = keras.Input(shape=input_shape, name="image")
     if stem == "imagenet":
         x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
@@ -299,6 +307,7 @@ def build_from_config(model_cfg, num_classes: int, input_shape, weight_decay: fl
         zero_init_residual=bool(model_cfg.get("zero_init_residual", False)),
         bn_momentum=float(model_cfg.get("bn_momentum", 0.9)),
         weight_decay=weight_decay,
+        width=model_cfg.get("width"),
     )
 
 
@@ -329,9 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--stem", choices=["imagenet", "cifar"])
     parser.add_argument("--shortcut", choices=["A", "B"])
+    parser.add_argument("--width", type=int, help="filters of the first stage (default: the layout's own)")
     args = parser.parse_args(argv)
     model = build_model(
-        args.name, args.classes, tuple(args.input_shape), stem=args.stem, shortcut=args.shortcut
+        args.name, args.classes, tuple(args.input_shape), stem=args.stem, shortcut=args.shortcut,
+        width=args.width,
     )
     model.summary(line_length=110)
     arch = get_arch(args.name)

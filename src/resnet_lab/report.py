@@ -23,21 +23,15 @@ import pandas as pd
 FAMILIES = {"plain": "plain", "resnet": "residual"}
 _MODEL_NAME = re.compile(r"^(plain|resnet)(\d+)$")
 
-# Welch's t-test needs a variance estimate from each side; below three seeds it is too unstable to report.
+# Below three seeds a per-model variance is too unstable for Welch's test: such a claim stays untested.
 MIN_SEEDS_FOR_TEST = 3
-# "No worse" fails only on a difference that Welch's test finds significant at this level.
-ALPHA = 0.05
+HYPOTHESES = ("greater", "less", "non_inferior")
 
 SHOWN = "shown"
+CONTRADICTED = "contradicted"
 NOT_SHOWN = "not shown"
+UNTESTED = "untested"
 MISSING = "missing"
-
-# (key, claim) of the three comparisons `verdict` makes, in the order it makes them.
-_CLAIMS = (
-    ("degradation", "the deeper plain net ends with higher training error than the shallower plain net"),
-    ("residual_beats_plain", "the residual net ends below the equally deep plain net in training error"),
-    ("residual_no_degradation", "the deeper residual net ends no higher than the shallower residual net"),
-)
 
 CURVE_COLUMNS = ("model", "seed", "epoch", "train_error", "val_error")
 HISTORY_COLUMNS = ("epoch", "error", "val_error")
@@ -61,199 +55,240 @@ def parse_model_name(name: str) -> tuple[str, int]:
     return FAMILIES[match.group(1)], int(match.group(2))
 
 
-def _model_name(family: str, depth: int) -> str:
-    prefix = next(prefix for prefix, fam in FAMILIES.items() if fam == family)
-    return f"{prefix}{depth}"
-
-
 def _pct(fraction: float) -> str:
     return f"{100 * fraction:.2f}%"
 
 
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if value is not None and math.isfinite(value) else None
+def _points(fraction: float) -> str:
+    return f"{100 * fraction:+.2f}"
 
 
-def _compare(
-    key: str,
-    claim: str,
-    subject: str,
-    reference: str,
-    errors: Mapping[str, Sequence[float]],
-    *,
-    expect: str,
-    tolerance: float = 0.0,
-) -> dict:
-    """One comparison of mean final training errors: `subject` against `reference`.
-
-    `expect` is "higher" (subject > reference), "lower" (subject < reference) or "no_higher"
-    (subject <= reference + `tolerance`, or, with a p-value, not significantly higher at `ALPHA`); the
-    outcome is "shown" when the means agree with it.
-    """
-    absent = [name for name in (subject, reference) if not errors.get(name)]
-    if absent:
-        reason = f"the study has no {' or '.join(absent)}: add it to study.models"
-        return _missing(key, claim, reason, models=[subject, reference])
-
-    subject_errors = np.asarray(errors[subject], dtype=float)
-    reference_errors = np.asarray(errors[reference], dtype=float)
-    subject_mean, reference_mean = float(subject_errors.mean()), float(reference_errors.mean())
-    difference = subject_mean - reference_mean
-    p_value = None
-    enough_seeds = min(subject_errors.size, reference_errors.size) >= MIN_SEEDS_FOR_TEST
-    varies = np.ptp(subject_errors) > 0 or np.ptp(reference_errors) > 0
-    if enough_seeds and varies:
-        from scipy import stats
-
-        p_value = _finite_or_none(stats.ttest_ind(subject_errors, reference_errors, equal_var=False).pvalue)
-    no_higher = difference <= tolerance or (p_value is not None and p_value >= ALPHA)
-    holds = {"higher": difference > 0, "lower": difference < 0, "no_higher": no_higher}[expect]
-
-    relation = "above" if difference > 0 else "below" if difference < 0 else "level with"
-    if p_value is not None:
-        evidence = f"Welch's t-test p = {p_value:.3g}"
-    elif enough_seeds:
-        evidence = "no p-value: the errors do not vary across seeds"
-    else:
-        evidence = f"no significance test below {MIN_SEEDS_FOR_TEST} seeds per model"
+def claim_text(claim: Mapping, margin: float) -> str:
+    """The sentence a claim of `study.claims` states, e.g. "plain34 ends above plain18"."""
+    subject, reference = claim["subject"], claim["reference"]
     return {
-        "key": key,
-        "claim": claim,
-        "models": [subject, reference],
-        "means": {subject: subject_mean, reference: reference_mean},
-        "seeds": {subject: int(subject_errors.size), reference: int(reference_errors.size)},
-        "difference": difference,
-        "p_value": p_value,
-        "outcome": SHOWN if holds else NOT_SHOWN,
-        "reason": (
-            f"{subject} ends at {_pct(subject_mean)} training error, {relation} {reference} at "
-            f"{_pct(reference_mean)} ({100 * difference:+.2f} points, {evidence})"
+        "greater": f"{subject} ends with higher training error than {reference}",
+        "less": f"{subject} ends with lower training error than {reference}",
+        "non_inferior": (
+            f"{subject} ends no more than {100 * margin:.2f} points above {reference} in training error"
         ),
-    }
+    }[claim["hypothesis"]]
 
 
-def _missing(key: str, claim: str, reason: str, *, models: list[str] | None) -> dict:
-    """A comparison the study cannot make, with the same keys as one it can."""
-    return {
-        "key": key,
-        "claim": claim,
-        "models": models,
+def check_design(models: Sequence[str], claims: Sequence[Mapping], *, alpha: float, margin: float) -> None:
+    """Reject a study design that cannot be tested as registered, naming the first fault.
+
+    Every model takes part in a claim, every claim names two models of the study and a known hypothesis,
+    and alpha and margin are sensible.
+
+    Raises:
+        ValueError: the fault, in one line.
+    """
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"study.alpha must be in (0, 0.5), got {alpha!r}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"study.margin must be a fraction in [0, 1), got {margin!r}")
+    keys = [claim.get("key") for claim in claims]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"study.claims: keys must be unique, got {keys}")
+    for claim in claims:
+        if claim.get("hypothesis") not in HYPOTHESES:
+            raise ValueError(
+                f"study.claims.{claim.get('key')}: unknown hypothesis {claim.get('hypothesis')!r}; "
+                f"choose one of {list(HYPOTHESES)}"
+            )
+        for role in ("subject", "reference"):
+            if claim.get(role) not in models:
+                raise ValueError(
+                    f"study.claims.{claim.get('key')}: {role} {claim.get(role)!r} is not in study.models {list(models)}"
+                )
+    unclaimed = [model for model in models if not any(model in (c["subject"], c["reference"]) for c in claims)]
+    if unclaimed:
+        raise ValueError(f"study.models {unclaimed} take part in no claim of study.claims: add one or drop them")
+
+
+def welch(subject: Sequence[float], reference: Sequence[float]) -> tuple[float, float, float]:
+    """Difference of means, its standard error and Welch-Satterthwaite degrees of freedom.
+
+    Returns:
+        (mean(subject) - mean(reference), standard error, degrees of freedom); the degrees of freedom are
+        infinite when both samples have no spread (the standard error is then 0).
+    """
+    subject, reference = np.asarray(subject, dtype=float), np.asarray(reference, dtype=float)
+    var_s, var_r = subject.var(ddof=1) / subject.size, reference.var(ddof=1) / reference.size
+    se = math.sqrt(var_s + var_r)
+    df = (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1)) if se else math.inf
+    return float(subject.mean() - reference.mean()), se, df
+
+
+def decide_claim(claim: Mapping, errors: Mapping[str, Sequence[float]], *, alpha: float, margin: float) -> dict:
+    """One pre-registered claim, decided by a one-sided Welch test over seeds.
+
+    With d = mean(subject) - mean(reference):
+
+    - greater: H1 d > 0. Shown when p < alpha (the lower one-sided bound is above 0); contradicted when
+      the upper one-sided bound is below 0 (the subject is significantly lower).
+    - less: H1 d < 0. Shown when p < alpha (the upper bound is below 0); contradicted when the lower
+      bound is above 0.
+    - non_inferior: H1 d < margin. Shown when the upper one-sided bound is below the margin; contradicted
+      when the lower bound is above it (significantly worse by more than the margin).
+
+    One-sided bounds are at level 1 - alpha; the reported interval is the two-sided 95% one.
+
+    Args:
+        claim: `key`, `subject`, `reference`, `hypothesis` (an entry of `study.claims`).
+        errors: model name -> final training error (a fraction) of each seed.
+        alpha: the study's significance level.
+        margin: the non-inferiority margin (a fraction).
+
+    Returns:
+        A JSON-able dict: key, claim (its sentence), hypothesis, models, means, sds, seeds, difference,
+        ci95 (two-sided), bound (the one-sided bound the decision uses), p_value, outcome and reason.
+    """
+    from scipy import stats
+
+    subject, reference, hypothesis = claim["subject"], claim["reference"], claim["hypothesis"]
+    result = {
+        "key": claim["key"],
+        "claim": claim_text(claim, margin),
+        "hypothesis": hypothesis,
+        "models": [subject, reference],
         "means": None,
+        "sds": None,
         "seeds": None,
         "difference": None,
+        "ci95": None,
+        "bound": None,
         "p_value": None,
-        "outcome": MISSING,
-        "reason": reason,
     }
+    absent = [name for name in (subject, reference) if not errors.get(name)]
+    if absent:
+        return result | {"outcome": MISSING, "reason": f"no results for {' or '.join(absent)}"}
+    samples = {name: np.asarray(errors[name], dtype=float) for name in (subject, reference)}
+    result["means"] = {name: float(values.mean()) for name, values in samples.items()}
+    result["sds"] = {
+        name: float(values.std(ddof=1)) if values.size > 1 else None for name, values in samples.items()
+    }
+    result["seeds"] = {name: int(values.size) for name, values in samples.items()}
+    difference = result["means"][subject] - result["means"][reference]
+    result["difference"] = difference
+    summary = (
+        f"{subject} {_pct(result['means'][subject])} vs {reference} {_pct(result['means'][reference])}, "
+        f"difference {_points(difference)} points"
+    )
+    if min(result["seeds"].values()) < MIN_SEEDS_FOR_TEST:
+        return result | {
+            "outcome": UNTESTED,
+            "reason": f"{summary}; untested: fewer than {MIN_SEEDS_FOR_TEST} seeds per model",
+        }
+
+    difference, se, df = welch(samples[subject], samples[reference])
+    if se == 0:
+        low = high = lower_bound = upper_bound = difference
+    else:
+        half_width = stats.t.ppf(0.975, df) * se
+        low, high = difference - half_width, difference + half_width
+        one_sided = stats.t.ppf(1 - alpha, df) * se
+        lower_bound, upper_bound = difference - one_sided, difference + one_sided
+    result["ci95"] = [low, high]
+    threshold = margin if hypothesis == "non_inferior" else 0.0
+    if se == 0:
+        holds = difference > 0 if hypothesis == "greater" else difference < threshold
+        p_value = 0.0 if holds else 1.0
+    elif hypothesis == "greater":
+        p_value = float(stats.t.sf(difference / se, df))
+    else:
+        p_value = float(stats.t.cdf((difference - threshold) / se, df))
+    result["p_value"] = p_value
+    if hypothesis == "greater":
+        result["bound"] = lower_bound
+        shown, contradicted = p_value < alpha, upper_bound < 0
+        bound_text = f"lower {100 * (1 - alpha):.0f}% bound {_points(lower_bound)}"
+    else:
+        result["bound"] = upper_bound
+        shown, contradicted = p_value < alpha, lower_bound > threshold
+        bound_text = f"upper {100 * (1 - alpha):.0f}% bound {_points(upper_bound)}"
+        if hypothesis == "non_inferior":
+            bound_text += f" against the margin {_points(margin)}"
+    outcome = SHOWN if shown else CONTRADICTED if contradicted else NOT_SHOWN
+    evidence = f"95% CI [{_points(low)}, {_points(high)}], {bound_text}, one-sided Welch p = {p_value:.3g}"
+    return result | {"outcome": outcome, "reason": f"{summary} ({evidence})"}
 
 
-def verdict(final_train_errors: Mapping[str, Sequence[float]], *, tolerance: float = 0.0) -> dict:
+def verdict(
+    final_train_errors: Mapping[str, Sequence[float]],
+    claims: Sequence[Mapping],
+    *,
+    alpha: float = 0.05,
+    margin: float = 0.01,
+) -> dict:
     """Does the study show the degradation problem, and that skip connections prevent it?
 
-    The shallowest and deepest plain nets of the study set the two depths (e.g. plain18 and plain34, as in
-    Fig. 4; plain20 and plain56, as in Fig. 6). Three comparisons of mean final training error follow:
-
-    - degradation: the deeper plain net ends above the shallower one;
-    - residual_beats_plain: the residual net of the deeper depth ends below that plain net;
-    - residual_no_degradation: the deeper residual net ends no higher than the shallower one, allowing
-      `tolerance` (a fraction) for run-to-run noise, and, with enough seeds for a test, unless Welch's
-      test finds it significantly higher.
-
-    The answer is "yes" when all three are shown, "no" when degradation is shown but a residual comparison
-    contradicts the claim, and "inconclusive" when a model is missing or the plain nets did not degrade
-    (there was nothing to prevent).
+    Each claim of the study is tested by `decide_claim`. The answer is "yes" only when every claim is
+    shown (an intersection-union test: the chance of a false Yes stays at most alpha without a correction
+    for the number of claims), "no" when a claim is contradicted with significance, and "inconclusive"
+    otherwise, naming the claims that were not shown.
 
     Args:
         final_train_errors: model name -> final training error (a fraction) of each seed.
-        tolerance: how far above the shallower residual net the deeper one may end and count as no worse.
+        claims: the study's claims (`study.claims`).
+        alpha: the study's significance level.
+        margin: the non-inferiority margin (a fraction).
 
     Returns:
-        A JSON-able dict: flat top-level numbers and booleans for `dvc metrics`, `comparisons` with each
-        comparison's models, means, difference (first model minus second), p-value or None, outcome and
-        reason, `answer` ("yes", "no" or "inconclusive") and a one-sentence `text`.
-
-    Raises:
-        ValueError: a model name is not `plain<depth>` or `resnet<depth>`.
+        A JSON-able dict: `answer` ("yes", "no" or "inconclusive"), a one-paragraph `text`, `alpha`,
+        `margin`, `comparisons` (one `decide_claim` result per claim), flat `<key>_difference`,
+        `<key>_p_value` and `<key>_shown` for `dvc metrics`, and `final_train_error_mean` per model.
     """
-    members = {name: parse_model_name(name) for name in final_train_errors}
-    plain_depths = sorted({depth for family, depth in members.values() if family == "plain"})
-    all_depths = sorted({depth for _, depth in members.values()})
-    # The plain nets define the question; without two of them, any two depths still name what is missing.
-    depths = plain_depths if len(plain_depths) >= 2 else all_depths
-
-    if len(depths) < 2:
-        shallow = deep = None
-        reason = f"the study needs two depths of each family; it has {sorted(final_train_errors) or 'none'}"
-        comparisons = [_missing(key, claim, reason, models=None) for key, claim in _CLAIMS]
+    comparisons = [decide_claim(claim, final_train_errors, alpha=alpha, margin=margin) for claim in claims]
+    contradicted = [c for c in comparisons if c["outcome"] == CONTRADICTED]
+    not_shown = [c for c in comparisons if c["outcome"] != SHOWN]
+    if not comparisons:
+        answer, text = "inconclusive", "Inconclusive: the study registers no claims."
+    elif contradicted:
+        answer = "no"
+        text = "No: " + "; ".join(f"{c['key']} is contradicted, {c['reason']}" for c in contradicted) + "."
+    elif not_shown:
+        answer = "inconclusive"
+        text = "Inconclusive: " + "; ".join(f"{c['key']} is {c['outcome']}, {c['reason']}" for c in not_shown) + "."
     else:
-        shallow, deep = depths[0], depths[-1]
-        plain_shallow, plain_deep = _model_name("plain", shallow), _model_name("plain", deep)
-        residual_shallow, residual_deep = _model_name("residual", shallow), _model_name("residual", deep)
-        (degradation_key, degradation_claim), (beats_key, beats_claim), (no_deg_key, no_deg_claim) = _CLAIMS
-        comparisons = [
-            _compare(
-                degradation_key,
-                degradation_claim,
-                plain_deep,
-                plain_shallow,
-                final_train_errors,
-                expect="higher",
-            ),
-            _compare(beats_key, beats_claim, residual_deep, plain_deep, final_train_errors, expect="lower"),
-            _compare(
-                no_deg_key,
-                no_deg_claim,
-                residual_deep,
-                residual_shallow,
-                final_train_errors,
-                tolerance=tolerance,
-                expect="no_higher",
-            ),
-        ]
-
-    degradation, beats_plain, no_degradation = comparisons
-    missing = [c for c in comparisons if c["outcome"] == MISSING]
-    if missing:
-        answer = "inconclusive"
-        text = f"Inconclusive: {missing[0]['reason']}."
-    elif degradation["outcome"] != SHOWN:
-        answer = "inconclusive"
-        text = (
-            f"Inconclusive: the plain nets did not degrade, so there was nothing for skip connections to "
-            f"prevent: {degradation['reason']}."
-        )
-    elif beats_plain["outcome"] == SHOWN and no_degradation["outcome"] == SHOWN:
         answer = "yes"
         text = (
-            f"Yes: the plain nets degrade, {degradation['reason']}; skip connections prevent it, "
-            f"{beats_plain['reason']}, and {no_degradation['reason']}."
+            f"Yes: every claim is shown at alpha {alpha:g}: "
+            + "; ".join(f"{c['claim']}, {c['reason']}" for c in comparisons)
+            + "."
         )
-    else:
-        failed = beats_plain if beats_plain["outcome"] != SHOWN else no_degradation
-        answer = "no"
-        text = (
-            f"No: the plain nets degrade, {degradation['reason']}; but skip connections do not prevent it, "
-            f"{failed['reason']}."
-        )
-
-    result = {
-        "answer": answer,
-        "text": text,
-        "tolerance": tolerance,
-        "degradation_shown": degradation["outcome"] == SHOWN,
-        "prevented": beats_plain["outcome"] == SHOWN and no_degradation["outcome"] == SHOWN,
-        "shallow_depth": shallow,
-        "deep_depth": deep,
-    }
+    result = {"answer": answer, "text": text, "alpha": alpha, "margin": margin}
     for comparison in comparisons:
         result[f"{comparison['key']}_difference"] = comparison["difference"]
         result[f"{comparison['key']}_p_value"] = comparison["p_value"]
-    compared = {name for c in comparisons for name in (c["models"] or [])}
+        result[f"{comparison['key']}_shown"] = comparison["outcome"] == SHOWN
     result["comparisons"] = comparisons
-    result["models_not_compared"] = [name for name in final_train_errors if name not in compared]
     result["final_train_error_mean"] = {
         name: float(np.mean(values)) for name, values in final_train_errors.items() if len(values)
     }
+    return result
+
+
+def convergence(curves: pd.DataFrame, *, window: int, max_decrease: float) -> dict[str, dict]:
+    """Whether each model's training error had flattened by the end: the slope over its last epochs.
+
+    The slope is a least-squares line through the mean over seeds of the training error of the last
+    `window` epochs, in error (a fraction) per epoch.
+
+    Args:
+        curves: the long table of `curves_frame`.
+        window: epochs at the end to fit.
+        max_decrease: a model whose error still falls faster than this per epoch had not converged.
+
+    Returns:
+        model -> {"slope": per epoch, "epochs": fitted, "converged": bool}.
+    """
+    result = {}
+    for model, rows in curves.groupby("model", sort=False):
+        per_epoch = rows.groupby("epoch")["train_error"].mean().sort_index().tail(window)
+        slope = float(np.polyfit(per_epoch.index, per_epoch.to_numpy(), 1)[0]) if len(per_epoch) > 1 else 0.0
+        result[str(model)] = {"slope": slope, "epochs": int(len(per_epoch)), "converged": slope >= -max_decrease}
     return result
 
 
@@ -432,20 +467,23 @@ def plot_confusion_matrix(
     return path
 
 
-def member_record(summary: Mapping, test_metrics: Mapping | None = None) -> dict:
-    """Flatten one study member's `summary.json` (and `test.json`) into a row of the model table.
+def member_record(summary: Mapping, evaluation: Mapping | None = None) -> dict:
+    """Flatten one study member's `summary.json` and evaluation into a row of the model table.
 
     Args:
         summary: what training wrote to `summary.json`.
-        test_metrics: what evaluation wrote to `test.json`, if any.
+        evaluation: what the evaluate stage wrote for the member (`train_error` from a clean pass over the
+            training split, `test_error`), if any.
 
     Returns:
-        model, seed, family, depth, params, macs, epochs, train_time_s, images_per_sec, final_train_error,
-        best_train_error, final_val_error, best_val_error, test_error (NaN without `test_metrics`).
+        model, seed, family, depth, params, macs, epochs, train_time_s, images_per_sec, train_error (the
+        clean pass; NaN without `evaluation`), running_train_error (the last epoch's running average
+        under augmentation), final_val_error, test_error.
 
     Raises:
         ValueError: a key of the training contract is missing.
     """
+    evaluation = evaluation or {}
     try:
         return {
             "model": str(summary["model"]),
@@ -457,11 +495,10 @@ def member_record(summary: Mapping, test_metrics: Mapping | None = None) -> dict
             "epochs": int(summary["epochs"]),
             "train_time_s": float(summary["train_time_s"]),
             "images_per_sec": float(summary["images_per_sec"]),
-            "final_train_error": float(summary["final"]["error"]),
-            "best_train_error": float(summary["best"]["error"]),
+            "train_error": float(evaluation.get("train_error", math.nan)),
+            "running_train_error": float(summary["final"]["error"]),
             "final_val_error": float(summary["final"]["val_error"]),
-            "best_val_error": float(summary["best"]["val_error"]),
-            "test_error": float(test_metrics["test_error"]) if test_metrics else math.nan,
+            "test_error": float(evaluation.get("test_error", math.nan)),
         }
     except KeyError as exc:
         raise ValueError(f"summary of {summary.get('model', '?')} lacks key {exc.args[0]!r}") from None
@@ -469,8 +506,8 @@ def member_record(summary: Mapping, test_metrics: Mapping | None = None) -> dict
 
 # The member-record numbers that vary across seeds, so the table shows their mean and spread.
 _TABLE_NUMBERS = (
-    "final_train_error",
-    "best_train_error",
+    "train_error",
+    "running_train_error",
     "final_val_error",
     "test_error",
     "epochs",
@@ -518,36 +555,32 @@ def _mean_std(mean: float, std: float, fmt: str) -> str:
     return f"{mean:{fmt}} ± {std:{fmt}}" if not math.isnan(std) else f"{mean:{fmt}}"
 
 
-def render_table(table: pd.DataFrame) -> str:
-    """Render `model_table` as a Markdown table; errors in percent, mean ± std where there are seeds."""
+def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = None) -> str:
+    """Render `model_table` as a Markdown table; errors in percent, mean ± sd where there are seeds.
+
+    Args:
+        table: what `model_table` returned.
+        slopes: what `convergence` returned; adds the slope column and marks nets still falling.
+    """
+    slopes = slopes or {}
     headings = [
-        "Model",
-        "Family",
-        "Depth",
-        "Seeds",
-        "Params",
-        "MACs/image",
-        "Train err. final (%)",
-        "Train err. best (%)",
-        "Val. err. final (%)",
-        "Test err. (%)",
-        "Epochs",
-        "Train time (s)",
+        "Model", "Seeds", "Params", "MACs/image", "Train err., clean (%)", "Train err., running (%)",
+        "Slope, last epochs (pts/epoch)", "Val. err. (%)", "Test err. (%)", "Epochs", "Train time (s)",
         "Images/s",
-    ]
-    alignments = ["---"] * 4 + ["---:"] * (len(headings) - 4)
+    ]  # fmt: skip
+    alignments = ["---"] + ["---:"] * (len(headings) - 1)
     lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(alignments) + "|"]
     for row in table.itertuples(index=False):
         row = row._asdict()
-        cells = [
-            row["model"],
-            row["family"],
-            str(row["depth"]),
-            str(row["seeds"]),
-            _count(row["params"]),
-            _count(row["macs"]),
-        ]
-        for number in ("final_train_error", "best_train_error", "final_val_error", "test_error"):
+        slope = slopes.get(row["model"])
+        slope_cell = "n/a"
+        if slope:
+            slope_cell = f"{100 * slope['slope']:+.3f}" + ("" if slope["converged"] else " (still falling)")
+        cells = [row["model"], str(row["seeds"]), _count(row["params"]), _count(row["macs"])]
+        for number in ("train_error", "running_train_error"):
+            cells.append(_mean_std(100 * row[f"{number}_mean"], 100 * row[f"{number}_std"], ".2f"))
+        cells.append(slope_cell)
+        for number in ("final_val_error", "test_error"):
             cells.append(_mean_std(100 * row[f"{number}_mean"], 100 * row[f"{number}_std"], ".2f"))
         cells.append(_mean_std(row["epochs_mean"], row["epochs_std"], ".0f"))
         cells.append(_mean_std(row["train_time_s_mean"], row["train_time_s_std"], ".1f"))
@@ -557,24 +590,76 @@ def render_table(table: pd.DataFrame) -> str:
 
 
 def render_comparisons(result: Mapping) -> str:
-    """Render the verdict's comparisons as a Markdown table."""
+    """Render the verdict's claims as a Markdown table."""
     lines = [
-        "| Claim | Models | Mean final training error | Difference | p-value | Outcome |",
-        "|---|---|---:|---:|---:|---|",
+        "| Claim | Test | Mean clean training error | Difference (pts) | 95% CI (pts) | One-sided bound (pts) "
+        "| p | Outcome |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    for comparison in result["comparisons"]:
-        models = " vs ".join(comparison["models"]) if comparison["models"] else "—"
-        if comparison["means"]:
-            means = " vs ".join(_pct(mean) for mean in comparison["means"].values())
-            difference = f"{100 * comparison['difference']:+.2f} pts"
-        else:
-            means = difference = "—"
-        p_value = f"{comparison['p_value']:.3g}" if comparison["p_value"] is not None else "—"
-        outcome = comparison["outcome"]
-        if outcome == MISSING:
-            outcome = f"missing: {comparison['reason']}"
-        lines.append(f"| {comparison['claim']} | {models} | {means} | {difference} | {p_value} | {outcome} |")
+    tests = {"greater": "Welch, H1: d > 0", "less": "Welch, H1: d < 0"}
+    for c in result["comparisons"]:
+        test = tests.get(c["hypothesis"], f"Welch, H1: d < {_points(result['margin'])}")
+        means = " vs ".join(_pct(mean) for mean in c["means"].values()) if c["means"] else "—"
+        difference = _points(c["difference"]) if c["difference"] is not None else "—"
+        ci95 = f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}]" if c["ci95"] else "—"
+        bound = _points(c["bound"]) if c["bound"] is not None else "—"
+        p_value = f"{c['p_value']:.3g}" if c["p_value"] is not None else "—"
+        lines.append(
+            f"| {c['key']}: {c['claim']} | {test} | {means} | {difference} | {ci95} | {bound} | {p_value} "
+            f"| **{c['outcome']}** |"
+        )
     return "\n".join(lines)
+
+
+def render_design(design: Mapping) -> str:
+    """The study's design as registered in `conf/`, as a Markdown list (the report's first section).
+
+    Args:
+        design: `data`, `models`, `seeds`, `model`, `optimizer`, `schedule`, `trainer`, `steps`,
+            `alpha`, `margin`, `convergence` and `params` (model -> trainable parameters), as
+            `resnet_lab.compare` gathers them.
+    """
+    model, optimizer, trainer = design["model"], design["optimizer"], design["trainer"]
+    params = design.get("params", {})
+    twins = []
+    for name in design["models"]:
+        family, depth = parse_model_name(name)
+        twin = f"resnet{depth}" if family == "plain" else None
+        if twin in params and name in params:
+            relation = "equal" if params[twin] == params[name] else "UNEQUAL"
+            twins.append(f"{name} / {twin}: {params[name]:,} / {params[twin]:,} parameters ({relation})")
+    rate = f"{optimizer['learning_rate']:g}"
+    if optimizer.get("reference_batch_size"):
+        rate = (
+            f"{optimizer['effective_learning_rate']:g} ({optimizer['learning_rate']:g} for a batch of "
+            f"{optimizer['reference_batch_size']}, scaled linearly to the batch of {trainer['batch_size']})"
+        )
+    convergence_rule = design["convergence"]
+    return "\n".join(
+        [
+            f"- Data: {design['data']['name']} at {design['data']['image_size']} px, random crops after "
+            f"{design['data']['pad_crop']} px of padding, horizontal flips {design['data']['horizontal_flip']}.",
+            f"- Models: {', '.join(design['models'])}; seeds {', '.join(map(str, design['seeds']))}; every "
+            "model of every seed trained by the same code, once.",
+            f"- Architecture options, the same for every model: stem {model['stem']}, first-stage width "
+            f"{model['width']}, shortcut option {model['shortcut']}, zero-init of residual units "
+            f"{model['zero_init_residual']}, BN momentum {model['bn_momentum']}, He-normal initialisation.",
+            "- Twins: " + ("; ".join(twins) if twins else "none in this study") + ".",
+            f"- Optimizer, the same for every model: {optimizer['name']}, learning rate {rate}, momentum "
+            f"{optimizer.get('momentum')}, weight decay {optimizer['weight_decay']:g}; schedule "
+            f"{design['schedule']['name']} with warm-up {design['schedule']['warmup_epochs']} epochs.",
+            f"- Budget, the same for every model: {trainer['epochs']} epochs at batch {trainer['batch_size']}, "
+            f"{design['steps']} SGD steps.",
+            f"- Endpoint: final training error from a clean pass over the training split in inference mode, "
+            f"without augmentation (the evaluate stage), per seed.",
+            f"- Tests: one-sided Welch tests over seeds at alpha {design['alpha']:g}; non-inferiority margin "
+            f"{100 * design['margin']:.2f} points. Yes needs every claim shown; No needs one contradicted with "
+            "significance; anything else is Inconclusive.",
+            f"- Convergence check: a net whose mean running training error still falls faster than "
+            f"{100 * convergence_rule['max_decrease']:.2f} points per epoch over the last "
+            f"{convergence_rule['window']} epochs is marked as still falling.",
+        ]
+    )
 
 
 def render_report(
@@ -582,39 +667,43 @@ def render_report(
     table_markdown: str,
     figure_path: str,
     *,
-    dataset: str,
-    models: Sequence[str],
-    seeds: Sequence[int],
+    design: Mapping,
+    slopes: Mapping[str, Mapping],
 ) -> str:
-    """The degradation report in Markdown: the verdict first, then the numbers behind it.
+    """The degradation report in Markdown: the design it ran, the verdict, then the numbers behind it.
 
     Args:
         result: what `verdict` returned.
         table_markdown: what `render_table` returned.
         figure_path: the learning-curves figure, relative to the report.
-        dataset: the dataset's name.
-        models: the study's models.
-        seeds: the study's seeds.
+        design: see `render_design`.
+        slopes: what `convergence` returned.
 
     Returns:
         The Markdown text.
     """
     answer = {"yes": "Yes", "no": "No", "inconclusive": "Inconclusive"}[result["answer"]]
-    not_compared = result.get("models_not_compared") or []
-    reference_only = (
-        f"\n- In the table and figure for reference, not in the verdict: {', '.join(not_compared)}."
-        if not_compared
-        else ""
+    falling = [model for model, slope in slopes.items() if not slope["converged"]]
+    convergence_note = (
+        f"Still falling at the end, so a longer budget may change their numbers: {', '.join(falling)}."
+        if falling
+        else "Every net's training error had flattened over the last epochs."
     )
-    return f"""# Degradation study on {dataset}
+    return f"""# Degradation study on {design['data']['name']}
 
 Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.03385, Sec. 4.1, Fig. 4)?
+
+## Design (registered in `conf/` before the run)
+
+{render_design(design)}
 
 ## Verdict: {answer}
 
 {result["text"]}
 
 {render_comparisons(result)}
+
+d is the first model's mean minus the second's, in points of training error. {convergence_note}
 
 ## Models
 
@@ -624,26 +713,8 @@ Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.
 
 ![Training (thin) and validation (bold) error per epoch]({figure_path})
 
-Thin lines: training error; bold lines: validation error; the mean over seeds, with a min-max band on the
-training error where there are several.
-
-## How this was computed
-
-- Study: models {", ".join(models)}; seeds {", ".join(str(seed) for seed in seeds)}; dataset {dataset}.
-- The final training error of a run is its last epoch's training error (`final.error` in the run's
-  `summary.json`), measured on the fly during the epoch, as the paper's Fig. 4 does. Degradation is about
-  this number: a deeper plain net that fits its *training* set worse is not overfitting.
-- The shallowest and deepest plain nets of the study set the two depths; the residual nets of the same
-  depths are their twins. Each claim compares mean final training errors over seeds; the difference is the
-  first model's mean minus the second's.{reference_only}
-- With at least {MIN_SEEDS_FOR_TEST} seeds per model, each comparison also carries a two-sided Welch's
-  t-test p-value (`scipy.stats.ttest_ind(equal_var=False)`); with fewer there is none. The outcome follows
-  the means, with one allowance for noise: the deeper residual net counts as no higher than the shallower
-  one when it ends at most {100 * result.get("tolerance", 0.0):.2f} points above it (`study.tolerance`), or
-  when the test finds the difference not significant (p >= {ALPHA}).
-- The answer is "Yes" when all three claims hold, "No" when the plain nets degrade but a residual claim
-  fails, and "Inconclusive" when a model is missing or the plain nets did not degrade.
-- Validation error is the last epoch's; test error comes from the evaluate stage's `test.json`.
+Thin lines: running training error (under augmentation); bold lines: validation error; the mean over
+seeds, with a min-max band on the training error where there are several.
 """
 
 

@@ -52,6 +52,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("steps_per_epoch", "validation_steps", "logical_cpus"):
         _integer(f"trainer.{key}", trainer.get(key), minimum=1, optional=True)
     _integer("trainer.grad_norm_every", trainer.grad_norm_every, minimum=0)
+    _integer("model.width", cfg.model.get("width"), minimum=1, optional=True)
+    _integer("optimizer.reference_batch_size", cfg.optimizer.get("reference_batch_size"), minimum=1, optional=True)
     for key in ("deterministic", "checkpoint"):
         _flag(f"trainer.{key}", trainer[key])
     for key in ("cache", "horizontal_flip"):
@@ -238,13 +240,21 @@ def _let_keras_fit_on_several_workers() -> None:
     tf_trainer._resnet_lab_multi_worker = True
 
 
+def effective_learning_rate(cfg: DictConfig) -> float:
+    """The peak learning rate for the global batch: `optimizer.learning_rate`, scaled linearly from
+    `optimizer.reference_batch_size` to `trainer.batch_size` when that is set (Goyal et al. 2017)."""
+    rate = float(cfg.optimizer.learning_rate)
+    reference = cfg.optimizer.get("reference_batch_size")
+    return rate * int(cfg.trainer.batch_size) / int(reference) if reference else rate
+
+
 def make_optimizer(cfg: DictConfig, steps_per_epoch: int):
     """The configured Keras optimizer over the configured Keras learning-rate schedule."""
     import keras
 
     from resnet_lab.schedules import make_schedule
 
-    schedule = make_schedule(cfg.schedule, cfg.optimizer.learning_rate, steps_per_epoch, cfg.trainer.epochs)
+    schedule = make_schedule(cfg.schedule, effective_learning_rate(cfg), steps_per_epoch, cfg.trainer.epochs)
     if cfg.optimizer.name == "sgd":
         return keras.optimizers.SGD(
             learning_rate=schedule, momentum=cfg.optimizer.momentum, nesterov=bool(cfg.optimizer.nesterov)
@@ -372,6 +382,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                     "replicas": replicas,
                     # What the `auto` settings resolved to on this machine.
                     "precision_policy": precision,
+                    "optimizer.effective_learning_rate": effective_learning_rate(cfg),
                     "jit_compile": bool(model.jit_compile),
                 },
             )
@@ -408,7 +419,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             if not history.history.get("loss") or not all(math.isfinite(v) for v in last.values()):
                 raise TrainingDiverged(
                     f"loss became NaN or infinite at epoch {len(history.history.get('loss', []))}; "
-                    f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate})"
+                    f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate}, "
+                    f"{effective_learning_rate(cfg):g} for the batch)"
                 )
             model.save(output_dir / "model.keras")
             if cfg.tracking.log_model:
@@ -419,6 +431,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             )
             tracker.log_artifact(curve)
             summary = _summary(cfg, arch, params, macs, output_dir, train_time, tracker.run_id)
+            summary["steps"] = int(train_steps) * int(cfg.trainer.epochs)
             tracker.log_metrics({"train_time_s": train_time})
             _write_json(output_dir / "summary.json", summary)
             tracker.log_artifact(output_dir / "summary.json")
