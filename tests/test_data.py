@@ -163,7 +163,7 @@ def test_normalised_splits_hold_their_examples_with_zero_mean_and_unit_std(digit
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_training_batches_are_resized_augmented_and_full(digits_root, cache):
-    cfg = make_cfg(digits_root, "data.horizontal_flip=true", f"data.cache={cache}")
+    cfg = make_cfg(digits_root, "data.image_size=32", "data.horizontal_flip=true", f"data.cache={cache}")
     spec = data_spec(cfg)
     assert (spec.num_classes, spec.input_shape) == (10, (32, 32, 1))
     assert spec.num_examples == {"train": 1149, "validation": 288, "test": DIGITS_TEST}

@@ -132,6 +132,9 @@ def member_cfg(tmp_path, monkeypatch, digits_dirs):
             "seed=0",
             f"paths.models_dir={tmp_path}/models",
             f"paths.metrics_dir={tmp_path}/metrics",
+            f"paths.plots_dir={tmp_path}/plots",
+            "study.models=[resnet8]",
+            "study.seeds=[0]",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
         ]
     )
@@ -159,34 +162,39 @@ def test_evaluate_stage_end_to_end_on_digits(member_cfg, tmp_path):
 
     returned = evaluate(member_cfg)
 
-    out_dir = tmp_path / "metrics" / "resnet8-0"
-    assert sorted(path.name for path in out_dir.iterdir()) == ["confusion.json", "confusion.png", "test.json"]
-    test_metrics = json.loads((out_dir / "test.json").read_text())
-    assert test_metrics == returned
-    assert test_metrics["examples"] == 360
-    assert set(test_metrics["per_class_accuracy"]) == {str(digit) for digit in range(10)}
-    assert all(isinstance(test_metrics[key], float) for key in ("test_loss", "test_accuracy", "test_error"))
-    assert test_metrics["test_error"] == pytest.approx(1 - test_metrics["test_accuracy"])
-    # The same numbers as Keras's own evaluation of the saved model on the same split.
+    assert sorted(path.name for path in (tmp_path / "metrics").iterdir()) == ["resnet8-0.json"]
+    numbers = json.loads((tmp_path / "metrics" / "resnet8-0.json").read_text())
+    assert numbers == returned
+    assert numbers["examples"] == 360
+    assert set(numbers["per_class_accuracy"]) == {str(digit) for digit in range(10)}
+    for key in ("train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_accuracy", "test_error"):
+        assert isinstance(numbers[key], float), key
+    assert numbers["test_error"] == pytest.approx(1 - numbers["test_accuracy"])
+    # The same numbers as Keras's own evaluation of the saved model, in inference mode, on the same splits:
+    # the training split too (the study's endpoint), without augmentation.
     model = keras.saving.load_model(tmp_path / "models" / "resnet8-0" / "model.keras", compile=False)
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    keras_loss, keras_accuracy = model.evaluate(make_dataset("test", member_cfg, training=False), verbose=0)
-    assert test_metrics["test_loss"] == pytest.approx(keras_loss, rel=1e-4)
-    assert test_metrics["test_accuracy"] == pytest.approx(keras_accuracy, abs=1e-6)
+    for split, prefix in (("train", "train_"), ("validation", "val_"), ("test", "test_")):
+        loss, accuracy = model.evaluate(make_dataset(split, member_cfg, training=False), verbose=0)
+        assert numbers[f"{prefix}loss"] == pytest.approx(loss, rel=1e-4), split
+        assert numbers[f"{prefix}error"] == pytest.approx(1 - accuracy, abs=1e-6), split
 
-    records = json.loads((out_dir / "confusion.json").read_text())
+    plots = tmp_path / "plots" / "confusion"
+    assert sorted(path.name for path in plots.iterdir()) == ["resnet8-0.json", "resnet8-0.png"]
+    records = json.loads((plots / "resnet8-0.json").read_text())
     assert len(records) == 360 and set(records[0]) == {"actual", "predicted"}
-    assert sum(record["actual"] == record["predicted"] for record in records) == round(360 * keras_accuracy)
-    assert (out_dir / "confusion.png").read_bytes()[:4] == b"\x89PNG"
-    assert not [path for path in (tmp_path / "metrics").iterdir() if path.name.endswith(".tmp")]
+    assert sum(r["actual"] == r["predicted"] for r in records) == round(360 * numbers["test_accuracy"])
+    assert (plots / "resnet8-0.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
 
     client = MlflowClient(tracking_uri=str(member_cfg.tracking.uri))
     run_id = json.loads((tmp_path / "models" / "resnet8-0" / "summary.json").read_text())["mlflow_run_id"]
     run = client.get_run(run_id)
-    assert run.data.metrics["test_error"] == pytest.approx(test_metrics["test_error"])
+    assert run.data.metrics["test_error"] == pytest.approx(numbers["test_error"])
+    assert run.data.metrics["train_error"] == pytest.approx(numbers["train_error"])
     assert [metric.step for metric in client.get_metric_history(run_id, "test_loss")] == [3]
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "evaluation")}
-    assert artifacts == {"evaluation/test.json", "evaluation/confusion.json", "evaluation/confusion.png"}
+    assert artifacts == {"evaluation/resnet8-0.json", "evaluation/resnet8-0.png"}
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
@@ -203,14 +211,19 @@ def test_evaluate_stage_refuses_another_dataset(member_cfg):
         evaluate(OmegaConf.merge(member_cfg, {"data": {"name": "cifar10"}}))
 
 
-def test_evaluate_command_line(member_cfg, tmp_path, capsys):
+def test_evaluate_command_line_evaluates_every_member(member_cfg, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     OmegaConf.save(member_cfg, params)
 
+    # A second seed that was never trained: one error line before any member is evaluated.
     with pytest.raises(SystemExit) as exit_info:
-        main(["--params", str(params), "seed=5"])
+        main(["--params", str(params), "study.seeds=[0,5]"])
     assert exit_info.value.code == 2
-    assert "error: " in capsys.readouterr().err
+    assert "resnet8-5/model.keras not found: train resnet8 seed 5 first" in capsys.readouterr().err
+    assert not (tmp_path / "metrics").exists()
 
-    main(["--params", str(params), "model.name=resnet8", "seed=0"])
-    assert "resnet8-0: test error " in capsys.readouterr().out
+    shutil.copytree(tmp_path / "models" / "resnet8-0", tmp_path / "models" / "resnet8-1")
+    main(["--params", str(params), "study.seeds=[0,1]"])
+    out = capsys.readouterr().out
+    assert "resnet8-0: training error (clean) " in out and "resnet8-1: training error (clean) " in out
+    assert sorted(path.name for path in (tmp_path / "metrics").iterdir()) == ["resnet8-0.json", "resnet8-1.json"]

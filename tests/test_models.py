@@ -171,3 +171,40 @@ def test_cli_bad_name_is_one_line_and_exit_2(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown model 'resnet35'") and "\n" not in err
+
+
+def test_width_sets_the_first_stage_and_doubles_at_every_later_one():
+    basic = build_model("resnet34", 10, (16, 16, 1), stem="cifar", shortcut="A", width=16)
+    assert [basic.get_layer(f"conv{stage}_block1_2_conv").filters for stage in (2, 3, 4, 5)] == [16, 32, 64, 128]
+    assert basic.get_layer("conv1_conv").filters == 16
+    bottleneck = build_model("resnet50", 10, (16, 16, 1), stem="cifar", shortcut="A", width=16)
+    assert bottleneck.get_layer("conv5_block3_out").output.shape[-1] == 512  # 128 x 4
+    assert count_params(build_model("resnet34", 1000, (224, 224, 3), width=64)) == IMAGENET_PARAMS["resnet34"]
+    with pytest.raises(ValueError, match="width must be a positive integer, got 0"):
+        build_model("resnet18", 10, (16, 16, 1), width=0)
+
+
+def test_the_default_studys_twins_have_identical_parameters_and_start_identical():
+    """Fair by construction: a plain net and its residual twin differ in the shortcuts alone."""
+    from resnet_lab.config import compose
+    from resnet_lab.models import build_from_config
+
+    cfg = compose()
+    twins = [(m, m.replace("plain", "resnet")) for m in cfg.study.models if m.startswith("plain")]
+    assert twins == [("plain18", "resnet18"), ("plain34", "resnet34")]
+
+    def initial(name):
+        keras.utils.set_random_seed(0)
+        model_cfg = cfg.model.copy()
+        model_cfg.name = name
+        return build_from_config(model_cfg, 10, (cfg.data.image_size,) * 2 + (1,), cfg.optimizer.weight_decay)
+
+    for plain_name, residual_name in twins:
+        plain, residual = initial(plain_name), initial(residual_name)
+        assert count_params(plain) == count_params(residual)
+        assert len(plain.weights) == len(residual.weights)
+        for p, r in zip(plain.weights, residual.weights, strict=True):
+            assert p.path == r.path
+            np.testing.assert_array_equal(p.numpy(), r.numpy())
+        assert any(isinstance(layer, keras.layers.Add) for layer in residual.layers)
+        assert not any(isinstance(layer, keras.layers.Add) for layer in plain.layers)

@@ -255,7 +255,8 @@ def evaluate(cfg: DictConfig, *, progress: bool = True) -> dict:
         )
     with staged_files(out_path.parent) as staging:
         (staging / out_path.name).write_text(json.dumps(numbers, indent=2) + "\n")
-    files = [out_path, plots / f"{member}.json", plots / f"{member}.png"]
+    # The confusion records are for `dvc plots`; MLflow gets the numbers and the picture.
+    files = [out_path, plots / f"{member}.png"]
 
     run_id = summary.get("mlflow_run_id")
     if run_id:

@@ -117,6 +117,8 @@ def welch(subject: Sequence[float], reference: Sequence[float]) -> tuple[float, 
     subject, reference = np.asarray(subject, dtype=float), np.asarray(reference, dtype=float)
     var_s, var_r = subject.var(ddof=1) / subject.size, reference.var(ddof=1) / reference.size
     se = math.sqrt(var_s + var_r)
+    if se < 1e-12:  # identical errors in every seed, up to float rounding
+        var_s = var_r = se = 0.0
     df = (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1)) if se else math.inf
     return float(subject.mean() - reference.mean()), se, df
 
