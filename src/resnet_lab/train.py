@@ -307,6 +307,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     from resnet_lab import data as data_lib
     from resnet_lab import tracking
     from resnet_lab.callbacks import EpochMetrics, GradientNorms, MlflowLogger
+    from resnet_lab.checkpoints import AtomicBackupAndRestore
     from resnet_lab.models import build_from_config, count_macs, count_params, get_arch
 
     results_dir = None
@@ -402,7 +403,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             if cfg.trainer.checkpoint:
                 # Last, so an epoch is logged before it counts as done: a kill in between re-runs the
                 # epoch, and the logger skips the steps MLflow already has.
-                callbacks.append(keras.callbacks.BackupAndRestore(str(output_dir / "backup")))
+                callbacks.append(AtomicBackupAndRestore(output_dir / "backup"))
             started = time.perf_counter()
             history = model.fit(
                 train_ds,
@@ -482,11 +483,11 @@ def _publish_results(work_dir: Path, results_dir: Path) -> None:
 
 
 def _finished_epochs(output_dir: Path) -> int:
-    """The epochs that `BackupAndRestore` in `output_dir` will restore: 0 for a fresh run."""
-    try:
-        return int(json.loads((output_dir / "backup" / "training_metadata.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+    """The epochs that the checkpoint in `output_dir` will restore: 0 for a fresh run."""
+    from resnet_lab.checkpoints import restorable
+
+    found = restorable(output_dir / "backup")
+    return found[0] if found else 0
 
 
 def _split(data_lib, spec, split, cfg, steps, *, training, skip_epochs=0):
@@ -564,9 +565,9 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from resnet_lab.checkpoints import write_text_atomically
+
+    write_text_atomically(path, text)
 
 
 def _hydra_output_dir() -> Path:
