@@ -471,3 +471,23 @@ def test_compare_refuses_a_model_in_no_claim(study_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"\['resnet50'\] take part in no claim"):
         compare(study_cfg)
     assert not (tmp_path / "reports").exists()
+
+
+def test_compare_ends_killed_a_study_run_whose_compare_was_killed(study_cfg):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    client = MlflowClient(tracking_uri=str(study_cfg.tracking.uri))
+    experiment = client.create_experiment("test-study")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    runs = {}
+    for name, pid in (("orphan", gone.stdout.strip()), ("live", str(os.getpid()))):
+        tags = {"resnet_lab.kind": "study", "resnet_lab.host": socket.gethostname(), "resnet_lab.pid": pid}
+        runs[name] = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+
+    compare(study_cfg)
+
+    assert client.get_run(runs["orphan"]).info.status == "KILLED"
+    assert client.get_run(runs["live"]).info.status == "RUNNING"  # another compare, still at work

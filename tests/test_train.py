@@ -257,9 +257,9 @@ def test_sigterm_ends_the_run_killed(digits_root, tmp_path):
 
 def test_a_sigterm_during_a_tracking_call_is_delivered_when_the_call_ends():
     from resnet_lab.tracking import _signals_held
-    from resnet_lab.train import _sigterm_as_interrupt
+    from resnet_lab.train import sigterm_as_interrupt
 
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     done = []
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -268,7 +268,7 @@ def test_a_sigterm_during_a_tracking_call_is_delivered_when_the_call_ends():
                 time.sleep(0.1)
                 done.append("the MLflow call")
         assert done == ["the MLflow call"]
-        assert signal.getsignal(signal.SIGTERM) is _sigterm_as_interrupt
+        assert signal.getsignal(signal.SIGTERM) is sigterm_as_interrupt
     finally:
         signal.signal(signal.SIGTERM, previous)
 

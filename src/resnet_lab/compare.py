@@ -15,6 +15,9 @@ logged to an MLflow study run (`study-<data.name>`, tag `resnet_lab.kind=study`)
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,7 @@ from resnet_lab.report import (
     verdict,
 )
 from resnet_lab.tracking import experiment_id, tracking_uri
+from resnet_lab.train import sigterm_as_interrupt
 
 REPORT_FILE = "degradation.md"
 FIGURE_FILE = "learning_curves.png"
@@ -47,6 +51,8 @@ VERDICT_FILE = "verdict.json"
 CURVES_FILE = "curves.csv"
 CURVES_BY_MODEL_FILE = "curves_by_model.csv"
 STUDY_KIND_TAG = "resnet_lab.kind"
+HOST_TAG = "resnet_lab.host"
+PID_TAG = "resnet_lab.pid"
 ARTIFACT_DIR = "report"
 
 
@@ -210,10 +216,16 @@ def compare(cfg: DictConfig) -> dict:
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
     experiment = experiment_id(client, str(cfg.tracking.experiment_name), uri)
+    _end_orphaned_study_runs(client, experiment)
     run = client.create_run(
         experiment,
         run_name=f"study-{cfg.data.name}",
-        tags={STUDY_KIND_TAG: "study", "resnet_lab.dataset": str(cfg.data.name)},
+        tags={
+            STUDY_KIND_TAG: "study",
+            "resnet_lab.dataset": str(cfg.data.name),
+            HOST_TAG: socket.gethostname(),
+            PID_TAG: str(os.getpid()),
+        },
     )
     run_id = run.info.run_id
     try:
@@ -237,6 +249,9 @@ def compare(cfg: DictConfig) -> dict:
         )
         for path in paths:
             client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
+    except KeyboardInterrupt:  # Ctrl-C, or DVC's SIGTERM (see resnet_lab.train.main)
+        client.set_terminated(run_id, status="KILLED")
+        raise
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -244,9 +259,29 @@ def compare(cfg: DictConfig) -> dict:
     return result | {"mlflow_run_id": run_id}
 
 
+def _end_orphaned_study_runs(client, experiment: str) -> None:
+    """End KILLED the study runs that a compare killed with SIGKILL on this machine left RUNNING.
+
+    A run counts as orphaned when its process, named in its tags, is gone; a compare still running in
+    another process (parallel `dvc queue` workers) is left alone.
+    """
+    import psutil
+
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment], f"tags.`{STUDY_KIND_TAG}` = 'study' and attributes.status = 'RUNNING'"
+    )
+    for run in running:
+        tags = run.data.tags
+        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
+            if not psutil.pid_exists(int(tags[PID_TAG])):
+                client.set_terminated(run.info.run_id, status="KILLED")
+
+
 @cli
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: ``python -m resnet_lab.compare [--params params.yaml]``."""
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     cfg = stage_config(argv, description="Write the degradation report over every study member.")
     result = compare(cfg)
     print(f"{result['text']}\nreport: {Path(cfg.paths.reports_dir) / REPORT_FILE}")

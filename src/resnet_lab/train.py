@@ -594,7 +594,7 @@ def stage_main(argv: list[str]) -> None:
     print(json.dumps({k: v for k, v in metrics.items()}, indent=2))
 
 
-def _sigterm_as_interrupt(signum, frame):
+def sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -649,7 +649,7 @@ def check_command_line(argv: list[str]) -> None:
 def main() -> None:
     """`--params FILE ...` runs the DVC stage; anything else is Hydra's command line."""
     # A scheduler's or DVC's SIGTERM ends the MLflow run as KILLED, like Ctrl-C.
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     if len(sys.argv) > 1 and (sys.argv[1] == "--params" or sys.argv[1].startswith("--params=")):
         stage_main(sys.argv[1:])
         return
