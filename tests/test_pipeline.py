@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
@@ -70,6 +71,11 @@ def repo(tmp_path_factory) -> Path:
     _run(["git", "commit", "-qm", "smoke pipeline"], repo)
     repro = _dvc("repro", cwd=repo)
     (repo / "repro.log").write_text(repro.stdout)
+    # What an uninterrupted study ends with, for the chaos test to hold a killed one to.
+    reference = repo.parent / "reference"
+    shutil.copytree(repo / "metrics", reference / "metrics")
+    for member in ("plain8-0", "resnet8-0"):
+        shutil.copy(repo / "models" / member / "history.csv", reference / f"{member}.history.csv")
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "repro"], repo)
     return repo
@@ -119,6 +125,121 @@ def test_repro_runs_every_stage_and_tracks_every_run(repo):
         assert run.data.metrics["test_error"] == pytest.approx(test_metrics["test_error"])
         assert run.data.metrics["train_error"] == pytest.approx(test_metrics["train_error"])
     assert any(r.data.tags.get("resnet_lab.kind") == "study" and r.info.status == "FINISHED" for r in runs)
+
+
+# The columns of history.csv that a deterministic run reproduces exactly (not its timings).
+_LEARNED = ["epoch", "loss", "accuracy", "error", "val_loss", "val_accuracy", "val_error", "learning_rate"]
+
+# Run by every Python process of the chaos study: the checkpoint's renames take half a second each, so that
+# kills land inside checkpoint writes too. Only the chaos study's processes see this file.
+_SLOW_CHECKPOINT_WRITES = """
+import importlib.abc, importlib.util, sys, time, types
+
+class _SlowRenames(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "resnet_lab.checkpoints":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def slowed(module):
+            exec_module(module)
+            slow_os = types.ModuleType("os")
+            slow_os.__dict__.update(module.os.__dict__)
+            def replace(src, dst, _replace=module.os.replace):
+                time.sleep(0.5)
+                _replace(src, dst)
+            slow_os.replace = replace
+            module.os = slow_os
+
+        spec.loader.exec_module = slowed
+        return spec
+
+sys.meta_path.insert(0, _SlowRenames())
+"""
+
+
+# The stages of the smoke study, in the order `dvc repro` runs them.
+_STAGES = ["prepare", "train@plain8-0", "train@resnet8-0", "evaluate", "compare"]
+
+
+def _repro_killed(clone: Path, env: dict, stage: str, when) -> str | None:
+    """Start `dvc repro`; once `stage` (or a later one) runs, wait for `when` and SIGKILL the whole group.
+
+    `when` is seconds to wait, or a path whose appearance is the moment. Returns the stage that was running
+    when the kill landed, or None when the study finished first.
+    """
+    import threading
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro"], cwd=clone, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    running: list[str] = []
+    reached = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            if line.startswith("Running stage"):
+                running.append(line.split("'")[1])
+                if _STAGES.index(running[-1]) >= _STAGES.index(stage):
+                    reached.set()
+        reached.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reached.wait(timeout=600)
+    deadline = time.monotonic() + (when if isinstance(when, float) else 120)
+    while process.poll() is None and time.monotonic() < deadline:
+        if not isinstance(when, float) and list(when.parent.glob(when.name)):
+            break
+        time.sleep(0.01)
+    if process.poll() is not None:
+        reader.join()
+        assert process.returncode == 0, f"dvc repro failed after {running}"
+        return None
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    reader.join()
+    return running[-1] if running else "dvc start-up"
+
+
+@pytest.mark.slow
+def test_a_study_killed_at_random_moments_ends_as_an_uninterrupted_one(repo, tmp_path):
+    """SIGKILL to the whole `dvc repro` at seeded random moments in every stage, then repro until done."""
+    import random
+
+    clone = tmp_path / "chaos"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    _run(["git", "checkout", "-q", "HEAD~1"], clone)  # the pipeline before its first repro
+    assert not (clone / "dvc.lock").exists()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_SLOW_CHECKPOINT_WRITES)
+    env = {
+        **os.environ, "PYTHONPATH": str(hooks), "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+    env.pop("MLFLOW_TRACKING_URI", None)
+    moments = random.Random(1512_03385)
+    # A seeded moment in each stage, and one inside a checkpoint write (its file under the temporary name).
+    plan = [(stage, moments.uniform(0.5, 10.0)) for stage in _STAGES]
+    plan.insert(2, ("train@plain8-0", clone / "checkpoints" / "plain8-0" / "backup" / ".partial-epoch-*"))
+    kills = [(stage, _repro_killed(clone, env, stage, when)) for stage, when in plan]
+    assert sum(landed is not None for _, landed in kills) >= 4, kills
+    _dvc("repro", cwd=clone)
+
+    assert json.loads(_dvc("status", "--json", cwd=clone).stdout) == {}
+    assert "Data and pipelines are up to date." in _dvc("repro", cwd=clone).stdout
+    reference = repo.parent / "reference"
+    for member in ("plain8-0", "resnet8-0"):
+        ended = json.loads((clone / "metrics" / f"{member}.json").read_text())
+        assert ended == json.loads((reference / "metrics" / f"{member}.json").read_text()), (member, kills)
+        history = pd.read_csv(clone / "models" / member / "history.csv")[_LEARNED]
+        pd.testing.assert_frame_equal(history, pd.read_csv(reference / f"{member}.history.csv")[_LEARNED])
+    runs = _client(clone).search_runs([_client(clone).get_experiment_by_name("resnet-lab").experiment_id])
+    assert not [(r.info.run_name, r.info.status) for r in runs if r.info.status in ("RUNNING", "FAILED")], kills
 
 
 @pytest.mark.slow
