@@ -380,7 +380,10 @@ def test_largest_fitting_batch_halves_then_bisects(limit, too_large, multiple, e
         (["--warmup-steps", "0"], "--warmup-steps must be a positive integer, got 0"),
         (["--repeats", "0"], "--repeats must be a positive integer, got 0"),
         (["--chunk-steps", "0"], "--chunk-steps must be a positive integer, got 0"),
-        (["--models", "resnet50", "--image-size", "16", "model.stem=imagenet"], "16 is smaller than resnet50's total stride 32"),
+        (
+            ["--models", "resnet50", "--image-size", "16", "model.stem=imagenet"],
+            "16 is smaller than resnet50's total stride 32",
+        ),
         (["--precision", "float64"], "unknown --precision 'float64'; choose from"),
         (["--jit-compile", "maybe"], "unknown --jit-compile 'maybe'; choose from ['on', 'off']"),
         (["--input", "disk"], "unknown --input 'disk'; choose from ['pipeline', 'memory']"),

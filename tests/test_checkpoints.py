@@ -1,4 +1,4 @@
-"""Checkpoints that are whole or absent: what a kill during a write leaves, and damage that costs one warning."""
+"""Checkpoints whole or absent: what a kill during a write leaves, and damage that costs one warning."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TINY, path_overrides
 from mlflow import MlflowClient
 
+from conftest import TINY, path_overrides
 from resnet_lab.checkpoints import METADATA_FILE, AtomicBackupAndRestore, restorable
 
 
@@ -38,7 +38,10 @@ def test_each_epoch_is_a_whole_file_named_by_the_metadata_written_after_it(tmp_p
     _fit(backup, epochs=3)
 
     assert sorted(os.listdir(backup)) == ["epoch-0002.weights.h5", "epoch-0003.weights.h5", METADATA_FILE]
-    assert json.loads((backup / METADATA_FILE).read_text()) == {"epoch": 3, "weights": "epoch-0003.weights.h5"}
+    assert json.loads((backup / METADATA_FILE).read_text()) == {
+        "epoch": 3,
+        "weights": "epoch-0003.weights.h5",
+    }
     assert restorable(backup) == (3, backup / "epoch-0003.weights.h5")
     # Resuming restores the epoch count and the weights, optimizer state included.
     resumed = _fit(backup, epochs=4)
@@ -85,7 +88,7 @@ def test_a_damaged_checkpoint_falls_back_with_one_warning_then_starts_afresh(tmp
 
 @pytest.mark.slow
 def test_a_run_killed_and_its_checkpoint_damaged_resumes_the_same_mlflow_run(digits_root, tmp_path):
-    """A Hydra run killed with SIGKILL, its newest checkpoint then damaged: one warning, same run, FINISHED."""
+    """A Hydra run killed with SIGKILL, its newest checkpoint damaged: one warning, same run, FINISHED."""
     run_dir = tmp_path / "run"
     args = [
         *TINY, *path_overrides(digits_root, tmp_path), f"hydra.run.dir={run_dir}",
@@ -94,7 +97,9 @@ def test_a_run_killed_and_its_checkpoint_damaged_resumes_the_same_mlflow_run(dig
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     command = [sys.executable, "-m", "resnet_lab.train", *args]
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     backup = run_dir / "backup"
     deadline = time.monotonic() + 180
     while restorable(backup) is None or restorable(backup)[0] < 2:

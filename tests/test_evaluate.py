@@ -167,7 +167,15 @@ def test_evaluate_stage_end_to_end_on_digits(member_cfg, tmp_path):
     assert numbers == returned
     assert numbers["examples"] == 360
     assert set(numbers["per_class_accuracy"]) == {str(digit) for digit in range(10)}
-    for key in ("train_loss", "train_error", "val_loss", "val_error", "test_loss", "test_accuracy", "test_error"):
+    for key in (
+        "train_loss",
+        "train_error",
+        "val_loss",
+        "val_error",
+        "test_loss",
+        "test_accuracy",
+        "test_error",
+    ):
         assert isinstance(numbers[key], float), key
     assert numbers["test_error"] == pytest.approx(1 - numbers["test_accuracy"])
     # The same numbers as Keras's own evaluation of the saved model, in inference mode, on the same splits:
@@ -226,4 +234,7 @@ def test_evaluate_command_line_evaluates_every_member(member_cfg, tmp_path, caps
     main(["--params", str(params), "study.seeds=[0,1]"])
     out = capsys.readouterr().out
     assert "resnet8-0: training error (clean) " in out and "resnet8-1: training error (clean) " in out
-    assert sorted(path.name for path in (tmp_path / "metrics").iterdir()) == ["resnet8-0.json", "resnet8-1.json"]
+    assert sorted(path.name for path in (tmp_path / "metrics").iterdir()) == [
+        "resnet8-0.json",
+        "resnet8-1.json",
+    ]

@@ -175,7 +175,12 @@ def test_cli_bad_name_is_one_line_and_exit_2(capsys):
 
 def test_width_sets_the_first_stage_and_doubles_at_every_later_one():
     basic = build_model("resnet34", 10, (16, 16, 1), stem="cifar", shortcut="A", width=16)
-    assert [basic.get_layer(f"conv{stage}_block1_2_conv").filters for stage in (2, 3, 4, 5)] == [16, 32, 64, 128]
+    assert [basic.get_layer(f"conv{stage}_block1_2_conv").filters for stage in (2, 3, 4, 5)] == [
+        16,
+        32,
+        64,
+        128,
+    ]
     assert basic.get_layer("conv1_conv").filters == 16
     bottleneck = build_model("resnet50", 10, (16, 16, 1), stem="cifar", shortcut="A", width=16)
     assert bottleneck.get_layer("conv5_block3_out").output.shape[-1] == 512  # 128 x 4

@@ -239,7 +239,9 @@ def test_a_study_killed_at_random_moments_ends_as_an_uninterrupted_one(repo, tmp
         history = pd.read_csv(clone / "models" / member / "history.csv")[_LEARNED]
         pd.testing.assert_frame_equal(history, pd.read_csv(reference / f"{member}.history.csv")[_LEARNED])
     runs = _client(clone).search_runs([_client(clone).get_experiment_by_name("resnet-lab").experiment_id])
-    assert not [(r.info.run_name, r.info.status) for r in runs if r.info.status in ("RUNNING", "FAILED")], kills
+    assert not [(r.info.run_name, r.info.status) for r in runs if r.info.status in ("RUNNING", "FAILED")], (
+        kills
+    )
 
 
 @pytest.mark.slow

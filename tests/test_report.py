@@ -37,8 +37,10 @@ FIG4_ERRORS = {"plain18": 0.10, "plain34": 0.15, "resnet18": 0.09, "resnet34": 0
 CLAIMS = [
     {"key": "degradation", "subject": "plain34", "reference": "plain18", "hypothesis": "greater"},
     {"key": "residual_beats_plain", "subject": "resnet34", "reference": "plain34", "hypothesis": "less"},
-    {"key": "residual_no_degradation", "subject": "resnet34", "reference": "resnet18", "hypothesis": "non_inferior"},
-    {"key": "bottleneck_no_degradation", "subject": "resnet50", "reference": "resnet34", "hypothesis": "non_inferior"},
+    {"key": "residual_no_degradation", "subject": "resnet34", "reference": "resnet18",
+     "hypothesis": "non_inferior"},
+    {"key": "bottleneck_no_degradation", "subject": "resnet50", "reference": "resnet34",
+     "hypothesis": "non_inferior"},
 ]  # fmt: skip
 
 
@@ -157,7 +159,9 @@ def test_check_design_rejects_an_untestable_study():
     with pytest.raises(ValueError, match=r"\['resnet50'\] take part in no claim"):
         check_design(models, CLAIMS[:3], alpha=0.05, margin=0.01)
     with pytest.raises(ValueError, match="subject 'plain56' is not in study.models"):
-        check_design(models, [*CLAIMS, CLAIMS[0] | {"key": "x", "subject": "plain56"}], alpha=0.05, margin=0.01)
+        check_design(
+            models, [*CLAIMS, CLAIMS[0] | {"key": "x", "subject": "plain56"}], alpha=0.05, margin=0.01
+        )
     with pytest.raises(ValueError, match="unknown hypothesis 'higher'"):
         check_design(models, [CLAIMS[0] | {"hypothesis": "higher"}, *CLAIMS[1:]], alpha=0.05, margin=0.01)
     with pytest.raises(ValueError, match="study.alpha must be in"):
@@ -168,9 +172,13 @@ def test_convergence_marks_a_net_still_falling():
     rows = []
     for seed in (0, 1):
         for epoch in range(1, 11):
-            rows.append({"model": "plain18", "seed": seed, "epoch": epoch, "train_error": 0.01, "val_error": 0.02})
+            rows.append(
+                {"model": "plain18", "seed": seed, "epoch": epoch, "train_error": 0.01, "val_error": 0.02}
+            )
             still = 0.3 - 0.02 * epoch  # two points an epoch
-            rows.append({"model": "plain34", "seed": seed, "epoch": epoch, "train_error": still, "val_error": 0.3})
+            rows.append(
+                {"model": "plain34", "seed": seed, "epoch": epoch, "train_error": still, "val_error": 0.3}
+            )
     slopes = convergence(pd.DataFrame(rows), window=5, max_decrease=0.001)
 
     assert slopes["plain18"] == {"slope": pytest.approx(0.0), "epochs": 5, "converged": True}
@@ -279,7 +287,9 @@ def test_model_table_aggregates_seeds():
     assert plain["test_error_std"] == pytest.approx(np.std([0.2, 0.22], ddof=1))
     slopes = {"plain18": {"slope": -0.002, "epochs": 5, "converged": False}}
     markdown = render_table(table, slopes)
-    assert "| plain18 | 2 | 18.00k | 36.00M | 6.00 ± 1.41 | 11.00 ± 1.41 | -0.200 (still falling) |" in markdown
+    assert (
+        "| plain18 | 2 | 18.00k | 36.00M | 6.00 ± 1.41 | 11.00 ± 1.41 | -0.200 (still falling) |" in markdown
+    )
     assert "| resnet18 | 1 |" in markdown and "n/a" in markdown
     with pytest.raises(ValueError, match="lacks key 'macs'"):
         member_record({k: v for k, v in _summary("plain18", 0, _history(0.1)).items() if k != "macs"})
@@ -295,9 +305,12 @@ def test_report_markdown_puts_the_design_first_then_verdict_table_and_figure():
         "data": {"name": "digits", "image_size": 16, "pad_crop": 2, "horizontal_flip": False},
         "models": list(FIG4_ERRORS),
         "seeds": [0, 1, 2],
-        "model": {"stem": "cifar", "width": 16, "shortcut": "A", "zero_init_residual": False, "bn_momentum": 0.9},
+        "model": {
+            "stem": "cifar", "width": 16, "shortcut": "A", "zero_init_residual": False, "bn_momentum": 0.9,
+        },
         "optimizer": {
-            "name": "sgd", "learning_rate": 0.1, "reference_batch_size": 128, "effective_learning_rate": 0.025,
+            "name": "sgd", "learning_rate": 0.1, "reference_batch_size": 128,
+            "effective_learning_rate": 0.025,
             "momentum": 0.9, "weight_decay": 1e-4,
         },
         "schedule": {"name": "step", "warmup_epochs": 0},
@@ -310,7 +323,11 @@ def test_report_markdown_puts_the_design_first_then_verdict_table_and_figure():
     }  # fmt: skip
     slopes = {name: {"slope": 0.0, "epochs": 4, "converged": True} for name in FIG4_ERRORS}
     markdown = render_report(
-        result, render_table(model_table(records), slopes), "learning_curves.png", design=design, slopes=slopes
+        result,
+        render_table(model_table(records), slopes),
+        "learning_curves.png",
+        design=design,
+        slopes=slopes,
     )
 
     assert markdown.startswith("# Degradation study on digits")
@@ -325,7 +342,9 @@ def test_report_markdown_puts_the_design_first_then_verdict_table_and_figure():
     assert "plain34 / resnet34: 200 / 201 parameters (UNEQUAL)" in markdown
     assert "1,080 SGD steps" in markdown
     assert result["text"] in markdown
-    assert "| degradation: plain34 ends with higher training error than plain18 | Welch, H1: d > 0 |" in markdown
+    assert (
+        "| degradation: plain34 ends with higher training error than plain18 | Welch, H1: d > 0 |" in markdown
+    )
     assert all(f"| {name} |" in markdown for name in FIG4_ERRORS)
     assert "![" in markdown and "](learning_curves.png)" in markdown
     assert "Every net's training error had flattened" in markdown
@@ -481,7 +500,9 @@ def test_compare_ends_killed_a_study_run_whose_compare_was_killed(study_cfg):
 
     client = MlflowClient(tracking_uri=str(study_cfg.tracking.uri))
     experiment = client.create_experiment("test-study")
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     runs = {}
     for name, pid in (("orphan", gone.stdout.strip()), ("live", str(os.getpid()))):
         tags = {"resnet_lab.kind": "study", "resnet_lab.host": socket.gethostname(), "resnet_lab.pid": pid}

@@ -175,41 +175,6 @@ def test_a_real_mlflow_server_receives_the_run(tiny_cfg, mlflow_server):
     assert "history.csv" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_a_killed_run_resumes_its_epoch_and_its_mlflow_run(digits_root, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [
-        *TINY, *path_overrides(digits_root, tmp_path), f"hydra.run.dir={run_dir}",
-        "trainer.steps_per_epoch=null", "trainer.validation_steps=null", "trainer.epochs=4",
-        "trainer.grad_norm_every=0",
-    ]  # fmt: skip
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "resnet_lab.train", *args], cwd=tmp_path, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    metadata = run_dir / "backup" / "training_metadata.json"
-    deadline = time.monotonic() + 180
-    while not (metadata.is_file() and metadata.read_text()):
-        assert process.poll() is None, "training ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done_before_kill = json.loads(metadata.read_text())["epoch"]
-    assert 1 <= done_before_kill < 4
-    run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-
-    resumed = _train_cli(args, tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["resnet_lab.resumed"] == "true"
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
-    assert list(pd.read_csv(run_dir / "history.csv")["epoch"]) == [1, 2, 3, 4]
-    experiment = client.get_experiment_by_name("resnet-lab")
-    assert len(client.search_runs([experiment.experiment_id])) == 1
-
-
 def test_a_stage_resumes_only_a_checkpoint_of_its_own_configuration(tiny_cfg, tmp_path):
     from resnet_lab.tracking import masked_yaml
 

@@ -170,9 +170,7 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
     train_errors = {model: [] for model in models}
     for member in members:
         train_errors[member["model"]].append(float(member["evaluation"]["train_error"]))
-    result = verdict(
-        train_errors, _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin)
-    )
+    result = verdict(train_errors, _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin))
     result["study"] = {"dataset": str(cfg.data.name), "models": models, "seeds": seeds}
 
     curves = curves_frame({(member["model"], member["seed"]): member["history"] for member in members})

@@ -277,7 +277,9 @@ def study_members(cfg: DictConfig) -> list[DictConfig]:
     models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
     if not models or not seeds:
         raise ConfigError(f"the study needs models and seeds; study.models={models}, study.seeds={seeds}")
-    return [OmegaConf.merge(cfg, {"model": {"name": model}, "seed": seed}) for model in models for seed in seeds]
+    return [
+        OmegaConf.merge(cfg, {"model": {"name": model}, "seed": seed}) for model in models for seed in seeds
+    ]
 
 
 def evaluate_study(cfg: DictConfig) -> dict[str, dict]:

@@ -341,7 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, help="filters of the first stage (default: the layout's own)")
     args = parser.parse_args(argv)
     model = build_model(
-        args.name, args.classes, tuple(args.input_shape), stem=args.stem, shortcut=args.shortcut,
+        args.name,
+        args.classes,
+        tuple(args.input_shape),
+        stem=args.stem,
+        shortcut=args.shortcut,
         width=args.width,
     )
     model.summary(line_length=110)

@@ -100,11 +100,16 @@ def check_design(models: Sequence[str], claims: Sequence[Mapping], *, alpha: flo
         for role in ("subject", "reference"):
             if claim.get(role) not in models:
                 raise ValueError(
-                    f"study.claims.{claim.get('key')}: {role} {claim.get(role)!r} is not in study.models {list(models)}"
+                    f"study.claims.{claim.get('key')}: {role} {claim.get(role)!r} is not in study.models "
+                    f"{list(models)}"
                 )
-    unclaimed = [model for model in models if not any(model in (c["subject"], c["reference"]) for c in claims)]
+    unclaimed = [
+        model for model in models if not any(model in (c["subject"], c["reference"]) for c in claims)
+    ]
     if unclaimed:
-        raise ValueError(f"study.models {unclaimed} take part in no claim of study.claims: add one or drop them")
+        raise ValueError(
+            f"study.models {unclaimed} take part in no claim of study.claims: add one or drop them"
+        )
 
 
 def welch(subject: Sequence[float], reference: Sequence[float]) -> tuple[float, float, float]:
@@ -119,11 +124,17 @@ def welch(subject: Sequence[float], reference: Sequence[float]) -> tuple[float, 
     se = math.sqrt(var_s + var_r)
     if se < 1e-12:  # identical errors in every seed, up to float rounding
         var_s = var_r = se = 0.0
-    df = (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1)) if se else math.inf
+    df = (
+        (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1))
+        if se
+        else math.inf
+    )
     return float(subject.mean() - reference.mean()), se, df
 
 
-def decide_claim(claim: Mapping, errors: Mapping[str, Sequence[float]], *, alpha: float, margin: float) -> dict:
+def decide_claim(
+    claim: Mapping, errors: Mapping[str, Sequence[float]], *, alpha: float, margin: float
+) -> dict:
     """One pre-registered claim, decided by a one-sided Welch test over seeds.
 
     With d = mean(subject) - mean(reference):
@@ -252,7 +263,11 @@ def verdict(
         text = "No: " + "; ".join(f"{c['key']} is contradicted, {c['reason']}" for c in contradicted) + "."
     elif not_shown:
         answer = "inconclusive"
-        text = "Inconclusive: " + "; ".join(f"{c['key']} is {c['outcome']}, {c['reason']}" for c in not_shown) + "."
+        text = (
+            "Inconclusive: "
+            + "; ".join(f"{c['key']} is {c['outcome']}, {c['reason']}" for c in not_shown)
+            + "."
+        )
     else:
         answer = "yes"
         text = (
@@ -290,7 +305,11 @@ def convergence(curves: pd.DataFrame, *, window: int, max_decrease: float) -> di
     for model, rows in curves.groupby("model", sort=False):
         per_epoch = rows.groupby("epoch")["train_error"].mean().sort_index().tail(window)
         slope = float(np.polyfit(per_epoch.index, per_epoch.to_numpy(), 1)[0]) if len(per_epoch) > 1 else 0.0
-        result[str(model)] = {"slope": slope, "epochs": int(len(per_epoch)), "converged": slope >= -max_decrease}
+        result[str(model)] = {
+            "slope": slope,
+            "epochs": int(len(per_epoch)),
+            "converged": slope >= -max_decrease,
+        }
     return result
 
 
@@ -594,7 +613,8 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
 def render_comparisons(result: Mapping) -> str:
     """Render the verdict's claims as a Markdown table."""
     lines = [
-        "| Claim | Test | Mean clean training error | Difference (pts) | 95% CI (pts) | One-sided bound (pts) "
+        "| Claim | Test | Mean clean training error | Difference (pts) | 95% CI (pts) "
+        "| One-sided bound (pts) "
         "| p | Outcome |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -640,7 +660,8 @@ def render_design(design: Mapping) -> str:
     return "\n".join(
         [
             f"- Data: {design['data']['name']} at {design['data']['image_size']} px, random crops after "
-            f"{design['data']['pad_crop']} px of padding, horizontal flips {design['data']['horizontal_flip']}.",
+            f"{design['data']['pad_crop']} px of padding, horizontal flips "
+            f"{design['data']['horizontal_flip']}.",
             f"- Models: {', '.join(design['models'])}; seeds {', '.join(map(str, design['seeds']))}; every "
             "model of every seed trained by the same code, once.",
             f"- Architecture options, the same for every model: stem {model['stem']}, first-stage width "
@@ -650,12 +671,14 @@ def render_design(design: Mapping) -> str:
             f"- Optimizer, the same for every model: {optimizer['name']}, learning rate {rate}, momentum "
             f"{optimizer.get('momentum')}, weight decay {optimizer['weight_decay']:g}; schedule "
             f"{design['schedule']['name']} with warm-up {design['schedule']['warmup_epochs']} epochs.",
-            f"- Budget, the same for every model: {trainer['epochs']} epochs at batch {trainer['batch_size']}, "
+            f"- Budget, the same for every model: {trainer['epochs']} epochs at batch "
+            f"{trainer['batch_size']}, "
             f"{design['steps']} SGD steps.",
-            f"- Endpoint: final training error from a clean pass over the training split in inference mode, "
-            f"without augmentation (the evaluate stage), per seed.",
+            "- Endpoint: final training error from a clean pass over the training split in inference mode, "
+            "without augmentation (the evaluate stage), per seed.",
             f"- Tests: one-sided Welch tests over seeds at alpha {design['alpha']:g}; non-inferiority margin "
-            f"{100 * design['margin']:.2f} points. Yes needs every claim shown; No needs one contradicted with "
+            f"{100 * design['margin']:.2f} points. Yes needs every claim shown; No needs one contradicted "
+            "with "
             "significance; anything else is Inconclusive.",
             f"- Convergence check: a net whose mean running training error still falls faster than "
             f"{100 * convergence_rule['max_decrease']:.2f} points per epoch over the last "
@@ -691,7 +714,7 @@ def render_report(
         if falling
         else "Every net's training error had flattened over the last epochs."
     )
-    return f"""# Degradation study on {design['data']['name']}
+    return f"""# Degradation study on {design["data"]["name"]}
 
 Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.03385, Sec. 4.1, Fig. 4)?
 

@@ -88,7 +88,11 @@ def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: i
     warmup_steps = int(round(schedule.get("warmup_epochs", 0) * steps_per_epoch))
     warmup_factor = schedule.get("warmup_factor")
     if warmup_factor is not None:
-        if isinstance(warmup_factor, bool) or not isinstance(warmup_factor, (int, float)) or not 0 < warmup_factor <= 1:
+        if (
+            isinstance(warmup_factor, bool)
+            or not isinstance(warmup_factor, (int, float))
+            or not 0 < warmup_factor <= 1
+        ):
             raise ConfigError(f"schedule.warmup_factor must be in (0, 1] or null, got {warmup_factor!r}")
         if schedule.name == "cosine":
             raise ConfigError("schedule.warmup_factor: the cosine schedule warms up linearly; leave it null")

@@ -53,7 +53,9 @@ def validate(cfg: DictConfig) -> None:
         _integer(f"trainer.{key}", trainer.get(key), minimum=1, optional=True)
     _integer("trainer.grad_norm_every", trainer.grad_norm_every, minimum=0)
     _integer("model.width", cfg.model.get("width"), minimum=1, optional=True)
-    _integer("optimizer.reference_batch_size", cfg.optimizer.get("reference_batch_size"), minimum=1, optional=True)
+    _integer(
+        "optimizer.reference_batch_size", cfg.optimizer.get("reference_batch_size"), minimum=1, optional=True
+    )
     for key in ("deterministic", "checkpoint"):
         _flag(f"trainer.{key}", trainer[key])
     for key in ("cache", "horizontal_flip"):
