@@ -224,7 +224,7 @@ def test_a_study_killed_at_random_moments_ends_as_an_uninterrupted_one(repo, tmp
     env.pop("MLFLOW_TRACKING_URI", None)
     moments = random.Random(1512_03385)
     # A seeded moment in each stage, and one inside a checkpoint write (its file under the temporary name).
-    plan = [(stage, moments.uniform(0.5, 10.0)) for stage in _STAGES]
+    plan = [(stage, moments.uniform(0.5, 8.0)) for stage in _STAGES]
     plan.insert(2, ("train@plain8-0", clone / "checkpoints" / "plain8-0" / "backup" / ".partial-epoch-*"))
     kills = [(stage, _repro_killed(clone, env, stage, when)) for stage, when in plan]
     assert sum(landed is not None for _, landed in kills) >= 4, kills
