@@ -216,11 +216,11 @@ def decide_claim(
     if hypothesis == "greater":
         result["bound"] = lower_bound
         shown, contradicted = p_value < alpha, upper_bound < 0
-        bound_text = f"lower {100 * (1 - alpha):.0f}% bound {_points(lower_bound)}"
+        bound_text = f"lower {100 * (1 - alpha):g}% bound {_points(lower_bound)}"
     else:
         result["bound"] = upper_bound
         shown, contradicted = p_value < alpha, lower_bound > threshold
-        bound_text = f"upper {100 * (1 - alpha):.0f}% bound {_points(upper_bound)}"
+        bound_text = f"upper {100 * (1 - alpha):g}% bound {_points(upper_bound)}"
         if hypothesis == "non_inferior":
             bound_text += f" against the margin {_points(margin)}"
     outcome = SHOWN if shown else CONTRADICTED if contradicted else NOT_SHOWN
