@@ -40,15 +40,14 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
 
 
 @keras.saving.register_keras_serializable(package="resnet_lab")
-class ConstantWarmup(keras.optimizers.schedules.LearningRateSchedule):
+class ConstantWarmup(LinearWarmup):
     """A constant `factor` x the wrapped schedule's value for `warmup_steps`, then follow it.
 
     He et al. 2015, Sec. 4.2 train ResNet-110 at 0.01 for about 400 iterations before 0.1.
     """
 
     def __init__(self, after_warmup, warmup_steps: int, factor: float):
-        self.after_warmup = after_warmup
-        self.warmup_steps = warmup_steps
+        super().__init__(after_warmup, warmup_steps)
         self.factor = factor
 
     def __call__(self, step):
@@ -57,17 +56,7 @@ class ConstantWarmup(keras.optimizers.schedules.LearningRateSchedule):
         return keras.ops.where(step < self.warmup_steps, self.factor * rate, rate)
 
     def get_config(self):
-        return {
-            "after_warmup": keras.saving.serialize_keras_object(self.after_warmup),
-            "warmup_steps": self.warmup_steps,
-            "factor": self.factor,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["after_warmup"] = keras.saving.deserialize_keras_object(config["after_warmup"])
-        return cls(**config)
+        return {**super().get_config(), "factor": self.factor}
 
 
 def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: int, epochs: int):
