@@ -307,3 +307,20 @@ def test_mixed_float16_trains_with_loss_scaling_and_a_float32_classifier(tiny_cf
     assert model.get_layer("conv1_conv").compute_dtype == "float16"
     assert model.get_layer("predictions").compute_dtype == "float32"
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
+
+
+def test_constant_warmup_holds_a_tenth_of_the_rate_then_the_step_schedule():
+    """The CIFAR-10 preset's warm-up (He et al. 2015, Sec. 4.2: 0.01 for ~400 iterations, then 0.1)."""
+    import keras
+    from omegaconf import OmegaConf
+
+    from resnet_lab.schedules import ConstantWarmup, make_schedule
+
+    step = {"name": "step", "milestones": [0.5, 0.75], "factor": 0.1}
+    step |= {"warmup_epochs": 1.14, "warmup_factor": 0.1}
+    schedule = make_schedule(OmegaConf.create(step), 0.1, 351, 182)
+    assert isinstance(schedule, ConstantWarmup) and schedule.warmup_steps == 400
+    rates = [float(schedule(s)) for s in (0, 399, 400, 31_941, 31_942, 47_912)]
+    assert rates == pytest.approx([0.01, 0.01, 0.1, 0.1, 0.01, 0.001])
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    assert isinstance(again, ConstantWarmup) and float(again(0)) == pytest.approx(0.01)
