@@ -15,11 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from conftest import TINY, MlflowServer, path_overrides
 from resnet_lab import tracking
-from resnet_lab.callbacks import MlflowLogger
+from resnet_lab.callbacks import HistoryLogger
 from resnet_lab.config import compose
 from resnet_lab.train import train
 
@@ -38,9 +37,14 @@ def server(tmp_path):
 
 
 def test_a_tracking_server_outage_loses_no_metric(tiny_cfg, tmp_path, server, monkeypatch, caplog):
-    """Gone after epoch 1, back after epoch 2 (caught up by itself), gone after epoch 3 (replayed by hand)."""
-    cfg = tiny_cfg(f"tracking.uri={server.uri}", "trainer.epochs=4", "trainer.grad_norm_every=0")
-    log_epoch = MlflowLogger.on_epoch_end
+    """Gone after epoch 1, back after epoch 2 (caught up by itself), gone after epoch 3 (synced by hand)."""
+    cfg = tiny_cfg(
+        f"tracking.uri={server.uri}",
+        "trainer.epochs=4",
+        "trainer.grad_norm_every=2",
+        "tracking.log_model=true",
+    )
+    log_epoch = HistoryLogger.on_epoch_end
     outage_s = []
 
     def on_epoch_end(self, epoch, logs=None):
@@ -53,7 +57,7 @@ def test_a_tracking_server_outage_loses_no_metric(tiny_cfg, tmp_path, server, mo
         elif epoch == 1:
             server.start()
 
-    monkeypatch.setattr(MlflowLogger, "on_epoch_end", on_epoch_end)
+    monkeypatch.setattr(HistoryLogger, "on_epoch_end", on_epoch_end)
     with caplog.at_level(logging.WARNING, logger="resnet_lab.tracking"):
         metrics = train(cfg)  # goes on, and ends normally
 
@@ -63,64 +67,47 @@ def test_a_tracking_server_outage_loses_no_metric(tiny_cfg, tmp_path, server, mo
     # MLflow's own retries would hold each epoch for minutes.
     assert max(outage_s) < 20, outage_s
     warnings = [r.getMessage() for r in caplog.records]
-    assert any("unreachable" in w and tracking.UNSENT_FILE in w for w in warnings), warnings
+    assert any("unreachable" in w and "tracking sync" in w for w in warnings), warnings
     assert any("stays RUNNING" in w for w in warnings), warnings
 
-    # The stage's work directory stays, with the records and the artifacts they name, until they are sent.
-    unsent = tmp_path / "checkpoints" / "resnet8-0" / tracking.UNSENT_FILE
-    records = [json.loads(line) for line in unsent.read_text().splitlines()]
-    assert {r["run_id"] for r in records} == {metrics["mlflow_run_id"]}
-    assert [r["step"] for r in records if "loss" in r.get("metrics", {})] == [4]
-    assert {Path(r["artifact"]).name for r in records if "artifact" in r} == {
-        "history.csv", "learning_curve.png", "summary.json",
-    }  # fmt: skip
-    assert records[-1]["status"] == "FINISHED"
-    assert all(r["tracking_uri"] == server.uri for r in records)
-
-    server.start()
     client = MlflowClient(tracking_uri=server.uri)
     run_id = metrics["mlflow_run_id"]
+    with pytest.raises(SystemExit) as exit_info:  # still away: one line, and nothing changes
+        tracking.main(["sync", str(run_dir)])
+    assert exit_info.value.code == 2
+
+    server.start()
+    # Epoch 2 came back with epoch 3's sync; epoch 4 and the end wait for the command.
     assert client.get_run(run_id).info.status == "RUNNING"
-    tracking.main(["replay", str(unsent)])
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+    tracking.main(["sync", str(run_dir)])
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "grad_norm/conv1")] == [2, 4]
     assert "train_time_s" in run.data.metrics
-    assert "records logged late" in run.data.tags[tracking.OUTAGE_TAG]
-    assert {"history.csv", "learning_curve.png", "summary.json"} <= {
-        a.path for a in client.list_artifacts(run_id)
-    }
-    assert not unsent.exists()
-
-    # A model, and a last line cut short by a kill; a replay that fails keeps every record for the next.
-    test_error = {"metrics": {"test_error": 0.5}, "step": 4, "timestamp": 0}
-    model = {"model": str(run_dir / "model.keras")}
-    lines = [{"run_id": run_id, **record, "tracking_uri": server.uri} for record in (test_error, model)]
-    unsent.write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"run_id": "cut sh')
-    server.kill()
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with pytest.raises(MlflowException, match="Connection (refused|reset|aborted)"):
-        tracking.replay_unsent(unsent)
-    assert [json.loads(line) for line in unsent.read_text().splitlines()] == lines
-    server.start()
-    assert tracking.replay_unsent(unsent) == 2
-    assert [m.value for m in client.get_metric_history(run_id, "test_error")] == [0.5]
-    experiment = client.get_run(run_id).info.experiment_id
+    assert "logged late" in run.data.tags[tracking.OUTAGE_TAG]
+    assert set(tracking.RUN_ARTIFACTS) <= {a.path for a in client.list_artifacts(run_id)}
+    experiment = run.info.experiment_id
     assert [m.source_run_id for m in client.search_logged_models(experiment_ids=[experiment])] == [run_id]
-    assert not unsent.exists()
+
+    # Idempotent: a second sync sends nothing and logs no second model.
+    assert tracking.sync(run_dir, client) == 0
+    assert len(client.get_metric_history(run_id, "loss")) == 4
+    assert len(client.search_logged_models(experiment_ids=[experiment])) == 1
 
 
-def test_replay_refuses_a_uri_without_its_password(tmp_path, capsys):
-    unsent = tmp_path / tracking.UNSENT_FILE
-    unsent.write_text(
-        json.dumps({"run_id": "x", "status": "FINISHED", "tracking_uri": "https://u:***@h"}) + "\n"
+def test_sync_refuses_a_uri_without_its_password(tmp_path, capsys):
+    (tmp_path / tracking.RUN_ID_FILE).write_text(
+        json.dumps({"run_id": "x", "tracking_uri": "https://u:***@h"})
     )
     with pytest.raises(SystemExit) as exit_info:
-        tracking.main(["replay", str(unsent)])
+        tracking.main(["sync", str(tmp_path)])
     assert exit_info.value.code == 2
+    id_file = tmp_path / tracking.RUN_ID_FILE
     assert (
         capsys.readouterr().err.strip()
-        == f"error: {unsent} records https://u:***@h without its password: pass --uri"
+        == f"error: {id_file} records https://u:***@h without its password: pass --uri"
     )
 
 

@@ -88,9 +88,13 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["mlflow_run_id"] == run.info.run_id and summary["family"] == "residual"
     assert summary["final"]["val_error"] == pytest.approx(metrics["val_error"])
+    # Everything `python -m resnet_lab.tracking sync` needs, should the MLflow run lack any of it.
     assert sorted(path.name for path in run_dir.iterdir()) == [
-        "history.csv", "learning_curve.png", "mlflow_run.json", "model.keras", "summary.json",
+        "config.yaml", "history.csv", "learning_curve.png", "mlflow_run.json", "model.keras",
+        "model_summary.txt", "status.json", "summary.json",
     ]  # fmt: skip
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "FINISHED"
+    assert history["grad_norm/conv1"].notna().all()
     # The stage worked and checkpointed outside its DVC output, and tidied up once it was published.
     assert not (tmp_path / "checkpoints" / "resnet8-0").exists()
 

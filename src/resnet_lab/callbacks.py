@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
+
+from resnet_lab.files import write_text_atomically
 
 HISTORY_COLUMNS = (
     "epoch", "loss", "accuracy", "error", "val_loss", "val_accuracy", "val_error",
@@ -50,60 +51,58 @@ class EpochMetrics(keras.callbacks.Callback):
         )
 
 
-class MlflowLogger(keras.callbacks.Callback):
-    """Append each epoch to `history.csv` and log it to MLflow at step = epoch (1-based).
+class HistoryLogger(keras.callbacks.Callback):
+    """Write each epoch to `history.csv` (atomically, the run's durable record), then call `on_epoch`.
 
-    Resumable: rows of epochs that a resumed run repeats are dropped from the CSV, and steps MLflow already
-    holds are not logged twice, so the metric history has each epoch once.
+    `on_epoch` is the run's MLflow sync (`resnet_lab.tracking.live_sync`). Resumable: rows of epochs that a
+    resumed run repeats are dropped, so the history has each epoch once. Columns beyond HISTORY_COLUMNS
+    (the gradient norms) stay empty in epochs that do not measure them.
     """
 
-    def __init__(self, tracker, history_csv: Path):
+    def __init__(self, history_csv: Path, on_epoch=None):
         super().__init__()
-        self.tracker = tracker
         self.history_csv = Path(history_csv)
+        self.on_epoch = on_epoch
         self._rows: list[dict] | None = None
-        self._logged_steps: set[int] = set()
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._rows is not None:
-            return
-        rows = pd.read_csv(self.history_csv).to_dict("records") if self.history_csv.is_file() else []
-        self._rows = [row for row in rows if int(row["epoch"]) <= epoch]
-        self._logged_steps = self.tracker.logged_steps("loss")
+        if self._rows is None:
+            rows = pd.read_csv(self.history_csv).to_dict("records") if self.history_csv.is_file() else []
+            self._rows = [row for row in rows if int(row["epoch"]) <= epoch]
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        row = {"epoch": epoch + 1, **{k: float(logs[k]) for k in HISTORY_COLUMNS[1:] if k in logs}}
-        self._rows.append(row)
-        tmp = self.history_csv.with_name(f".{self.history_csv.name}.tmp")
-        pd.DataFrame(self._rows, columns=list(HISTORY_COLUMNS)).to_csv(tmp, index=False)
-        os.replace(tmp, self.history_csv)
-        if epoch + 1 not in self._logged_steps:
-            self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+        extra = sorted(k for k in logs if k.startswith("grad_norm/"))
+        self._rows.append(
+            {"epoch": epoch + 1, **{k: float(logs[k]) for k in (*HISTORY_COLUMNS[1:], *extra) if k in logs}}
+        )
+        columns = list(HISTORY_COLUMNS) + sorted(
+            {k for row in self._rows for k in row} - set(HISTORY_COLUMNS)
+        )
+        write_text_atomically(self.history_csv, pd.DataFrame(self._rows, columns=columns).to_csv(index=False))
+        if self.on_epoch is not None:
+            self.on_epoch()
 
 
 class GradientNorms(keras.callbacks.Callback):
-    """Every `every` epochs, log the gradient norm of each stage on one fixed training batch.
+    """Every `every` epochs, add to the logs the gradient norm of each stage on one fixed training batch.
 
     Vanishing gradients in the early stages of a deep plain net are what the degradation story is about
     (He et al. 2015, Sec. 4.1 argue they are not the cause with BN; this is where a reader checks).
     BatchNormalization statistics are restored afterwards, so the probe does not touch the model.
     """
 
-    def __init__(self, probe_dataset, tracker, every: int):
+    def __init__(self, probe_dataset, every: int):
         super().__init__()
         self.probe_dataset = probe_dataset
-        self.tracker = tracker
         self.every = every
         self._probe = None
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.every or (epoch + 1) % self.every:
             return
-        norms = self.stage_norms()
-        self.tracker.log_metrics(
-            {f"grad_norm/{stage}": norm for stage, norm in norms.items()}, step=epoch + 1
-        )
+        if logs is not None:
+            logs.update({f"grad_norm/{stage}": norm for stage, norm in self.stage_norms().items()})
 
     def stage_norms(self) -> dict[str, float]:
         """The L2 norm of the loss gradient over each stage's variables (`conv1` ... `conv5`, `predictions`).

@@ -19,23 +19,14 @@ from pathlib import Path
 
 import keras
 
+from resnet_lab.files import write_text_atomically
+
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "training_metadata.json"
 _WEIGHTS = re.compile(r"^epoch-(\d+)\.weights\.h5$")
 # Keras's save_weights wants the `.weights.h5` suffix, so the temporary name keeps it.
 _PARTIAL_PREFIX = ".partial-"
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old content or the new, never a part."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _readable(path: Path) -> str | None:

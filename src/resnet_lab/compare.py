@@ -15,10 +15,7 @@ logged to an MLflow study run (`study-<data.name>`, tag `resnet_lab.kind=study`)
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from resnet_lab.config import member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.evaluate import metrics_path, study_members
+from resnet_lab.files import staged_files
 from resnet_lab.report import (
     check_design,
     convergence,
@@ -39,10 +37,9 @@ from resnet_lab.report import (
     plot_learning_curves,
     render_report,
     render_table,
-    staged_files,
     verdict,
 )
-from resnet_lab.tracking import experiment_id, tracking_uri
+from resnet_lab.tracking import open_run
 from resnet_lab.train import sigterm_as_interrupt
 
 REPORT_FILE = "degradation.md"
@@ -50,9 +47,6 @@ FIGURE_FILE = "learning_curves.png"
 VERDICT_FILE = "verdict.json"
 CURVES_FILE = "curves.csv"
 CURVES_BY_MODEL_FILE = "curves_by_model.csv"
-STUDY_KIND_TAG = "resnet_lab.kind"
-HOST_TAG = "resnet_lab.host"
-PID_TAG = "resnet_lab.pid"
 ARTIFACT_DIR = "report"
 
 
@@ -207,73 +201,29 @@ def compare(cfg: DictConfig) -> dict:
     Raises:
         ConfigError: a study member is missing (see `load_members`).
     """
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param, RunTag
-
     members = load_members(cfg)
-    uri = tracking_uri(cfg)
-    client = MlflowClient(tracking_uri=uri)
-    experiment = experiment_id(client, str(cfg.tracking.experiment_name), uri)
-    _end_orphaned_study_runs(client, experiment)
-    run = client.create_run(
-        experiment,
-        run_name=f"study-{cfg.data.name}",
-        tags={
-            STUDY_KIND_TAG: "study",
-            "resnet_lab.dataset": str(cfg.data.name),
-            HOST_TAG: socket.gethostname(),
-            PID_TAG: str(os.getpid()),
-        },
-    )
-    run_id = run.info.run_id
-    try:
+    tags = {"resnet_lab.dataset": str(cfg.data.name)}
+    with open_run(cfg, "study", f"study-{cfg.data.name}", tags=tags) as run:
         result, table, paths = write_report(cfg, members)
-        study_metrics = _study_metrics(result, table)
-        timestamp = int(time.time() * 1000)
-        client.log_batch(
-            run_id,
-            metrics=[Metric(key, value, timestamp, 0) for key, value in study_metrics.items()],
-            params=[
-                Param("study.models", ",".join(result["study"]["models"])),
-                Param("study.seeds", ",".join(str(seed) for seed in result["study"]["seeds"])),
-                Param("data.name", str(cfg.data.name)),
-            ],
-            tags=[RunTag("resnet_lab.answer", result["answer"])]
-            + [
-                RunTag(f"resnet_lab.member.{m['model']}-{m['seed']}", str(m["summary"]["mlflow_run_id"]))
+        run.log_params(
+            {
+                "study.models": ",".join(result["study"]["models"]),
+                "study.seeds": ",".join(str(seed) for seed in result["study"]["seeds"]),
+                "data.name": str(cfg.data.name),
+            }
+        )
+        run.log_metrics(_study_metrics(result, table))
+        run.set_tags(
+            {"resnet_lab.answer": result["answer"]}
+            | {
+                f"resnet_lab.member.{m['model']}-{m['seed']}": str(m["summary"]["mlflow_run_id"])
                 for m in members
                 if m["summary"].get("mlflow_run_id")
-            ],
+            }
         )
         for path in paths:
-            client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
-    except KeyboardInterrupt:  # Ctrl-C, or DVC's SIGTERM (see resnet_lab.train.main)
-        client.set_terminated(run_id, status="KILLED")
-        raise
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    return result | {"mlflow_run_id": run_id}
-
-
-def _end_orphaned_study_runs(client, experiment: str) -> None:
-    """End KILLED the study runs that a compare killed with SIGKILL on this machine left RUNNING.
-
-    A run counts as orphaned when its process, named in its tags, is gone; a compare still running in
-    another process (parallel `dvc queue` workers) is left alone.
-    """
-    import psutil
-
-    host = socket.gethostname()
-    running = client.search_runs(
-        [experiment], f"tags.`{STUDY_KIND_TAG}` = 'study' and attributes.status = 'RUNNING'"
-    )
-    for run in running:
-        tags = run.data.tags
-        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
-            if not psutil.pid_exists(int(tags[PID_TAG])):
-                client.set_terminated(run.info.run_id, status="KILLED")
+            run.log_artifact(path, artifact_path=ARTIFACT_DIR)
+    return result | {"mlflow_run_id": run.run_id}
 
 
 @cli

@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 
 from resnet_lab.config import member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
-from resnet_lab.report import plot_confusion_matrix, staged_files
+from resnet_lab.files import staged_files
+from resnet_lab.report import plot_confusion_matrix
 from resnet_lab.tracking import tracking_uri
 
 log = logging.getLogger(__name__)

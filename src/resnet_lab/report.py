@@ -11,10 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -741,28 +738,3 @@ d is the first model's mean minus the second's, in points of training error. {co
 Thin lines: running training error (under augmentation); bold lines: validation error; the mean over
 seeds, with a min-max band on the training error where there are several.
 """
-
-
-@contextmanager
-def staged_files(target_dir: str | os.PathLike) -> Iterator[Path]:
-    """Write files into a temporary directory; on success each one replaces its namesake in `target_dir`.
-
-    A crash or an exception leaves `target_dir` as it was, and a reader never sees a half-written file:
-    the staging directory sits beside `target_dir`, on the same file system, so each move is one rename.
-
-    Args:
-        target_dir: where the files belong; created if missing.
-
-    Yields:
-        The staging directory, to fill with plain files.
-    """
-    target_dir = Path(target_dir)
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", suffix=".tmp", dir=target_dir.parent))
-    try:
-        yield staging
-        target_dir.mkdir(exist_ok=True)
-        for item in sorted(staging.iterdir()):
-            os.replace(item, target_dir / item.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

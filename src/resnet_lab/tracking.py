@@ -1,10 +1,10 @@
-"""MLflow plumbing shared by training, evaluation and the report: where the store is, and what to tag.
+"""MLflow plumbing: where the store is, what to tag, and the one place where runs begin and end.
 
-    python -m resnet_lab.tracking replay models/resnet34-0/mlflow_unsent.jsonl
+    python -m resnet_lab.tracking sync models/resnet34-0
 
-A run whose tracking server went away keeps training and appends what it could not send to
-`<output dir>/mlflow_unsent.jsonl`; the next record that gets through sends the file first, and `replay`
-sends it by hand (the run's end included) once the server is back.
+A training run's directory is its durable record; `sync` brings its MLflow run up to date from it after
+every epoch and at the end. While the tracking server is away, training goes on; what it held back is
+sent by the next sync that gets through, or by the command above once the server is back.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from resnet_lab.errors import ConfigError, cli
+from resnet_lab.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,14 @@ def experiment_id(client, name: str, uri: str) -> str:
 
 PARENT_RUN_ENV = "RESNET_LAB_PARENT_RUN_ID"
 RUN_ID_FILE = "mlflow_run.json"
-UNSENT_FILE = "mlflow_unsent.jsonl"
+STATUS_FILE = "status.json"
+HISTORY_FILE = "history.csv"
+# What a finished training run's directory sends as artifacts (the model goes as a logged model).
+RUN_ARTIFACTS = ("config.yaml", "model_summary.txt", HISTORY_FILE, "learning_curve.png", "summary.json")
+KIND_TAG = "resnet_lab.kind"
+HOST_TAG = "resnet_lab.host"
+PID_TAG = "resnet_lab.pid"
+FAILURE_TAG = "resnet_lab.failure"
 OUTAGE_TAG = "resnet_lab.tracking_outage"
 # MLflow retries a refused connection for about four minutes (7 retries, backoff factor 2): once per
 # epoch, that would stall training for as long as the server is away. Two quick retries ride out a
@@ -224,188 +233,331 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
-class RunTracker:
-    """One MLflow run, driven through `MlflowClient` by explicit run id.
+class Run:
+    """An open MLflow run, as the stages log to it through `MlflowClient` by explicit run id."""
 
-    Used as a context manager around the work: the run ends FINISHED on success, KILLED on Ctrl-C or
-    SIGTERM, FAILED (with the reason in the `resnet_lab.failure` tag) on any other exception; never
-    left RUNNING. The run id is stored in the output directory so a restarted run continues it.
-    """
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
 
-    def __init__(self, cfg: DictConfig, uri: str, output_dir: Path, run_name: str):
-        from mlflow.tracking import MlflowClient
-
-        self.cfg = cfg
-        self.uri = uri
-        self.output_dir = Path(output_dir)
-        self.run_name = run_name
-        self.client = MlflowClient(tracking_uri=uri)
-        self.run_id: str | None = None
-        self.resumed = False
-        self._away = False  # the tracking store stopped answering; records go to unsent_file
-
-    @classmethod
-    def for_training(cls, cfg: DictConfig, output_dir: Path) -> RunTracker:
-        uri = tracking_uri(cfg)
-        check_reachable(uri)
-        return cls(cfg, uri, output_dir, run_name=f"{cfg.model.name}-seed{cfg.seed}")
-
-    def start(self, tags: dict[str, str], extra_params: dict | None = None) -> str:
-        """Create the run, or continue the one recorded in the output directory."""
-        id_file = self.output_dir / RUN_ID_FILE
-        previous = json.loads(id_file.read_text())["run_id"] if id_file.is_file() else None
-        if previous and self._run_exists(previous):
-            self.run_id, self.resumed = previous, True
-            self.client.update_run(previous, status="RUNNING")
-            self.client.set_tag(previous, "resnet_lab.resumed", "true")
-            return previous
-        run = self.client.create_run(
-            experiment_id(self.client, self.cfg.tracking.experiment_name, self.uri),
-            run_name=self.run_name,
-            tags={**context_tags(), **tags},
-        )
-        self.run_id = run.info.run_id
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = id_file.with_name(f".{id_file.name}.tmp")
-        tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": mask_password(self.uri)}) + "\n")
-        os.replace(tmp, id_file)
-        params = flatten(self.cfg)
-        params.update({k: str(v) for k, v in (extra_params or {}).items()})
+    def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, v) for k, v in params.items()]
+        items = [Param(key, mask_password(str(value))[:6000]) for key, value in params.items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=items[start : start + 100])
-        return self.run_id
-
-    def _run_exists(self, run_id: str) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_run(run_id)
-            return True
-        except MlflowException:
-            return False
-
-    def logged_steps(self, key: str) -> set[int]:
-        return {m.step for m in self.client.get_metric_history(self.run_id, key)} if self.run_id else set()
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
-        self._send({"metrics": {k: float(v) for k, v in metrics.items()}, "step": step, "timestamp": now})
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for start in range(0, len(items), 1000):  # MLflow's batch limit
+            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self._send({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
-
-    @property
-    def unsent_file(self) -> Path:
-        return self.output_dir / UNSENT_FILE
-
-    def _send(self, record: dict, send=None) -> None:
-        """Send one record to the run; while the tracking store is away, append it to `unsent_file`.
-
-        The first record that gets through again sends the file's records before it, in order.
-
-        Args:
-            record: what `_apply` sends, and what the file keeps.
-            send: sends the record another way while the store answers (a model in memory).
-        """
-        record = {"run_id": self.run_id, **record}
-        if self._away and not _answers(self.uri):
-            self._keep(record, None)
-            return
-        try:
-            with _signals_held(), _quick_retries():
-                if self.unsent_file.is_file():
-                    # Another process's end of run is stale once this one continues the run.
-                    replay_unsent(self.unsent_file, self.client, finish=False)
-                if send is None:
-                    _apply(self.client, record)
-                else:
-                    send()
-        except Exception as exc:
-            if not _unreachable(exc):
-                raise
-            self._keep(record, exc)
-            return
-        self._away = False
-
-    def _keep(self, record: dict, exc: Exception | None) -> None:
-        with self.unsent_file.open("a") as file:
-            file.write(json.dumps({**record, "tracking_uri": mask_password(self.uri)}) + "\n")
-        if exc is not None and not self._away:
-            log.warning(
-                "MLflow tracking at %s is unreachable (%s); training goes on and writes what it cannot "
-                "send to %s: it is sent when the server answers again, or by `python -m resnet_lab.tracking "
-                "replay %s`",
-                mask_password(self.uri), " ".join(str(exc).split())[:200], self.unsent_file, self.unsent_file,
-            )  # fmt: skip
-        self._away = True
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_model(self, model, input_example) -> None:
-        """Log with MLflow's Keras flavour, with a tensor signature inferred from `input_example`.
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
 
-        While the store is away, `replay_unsent` logs the copy saved as `model.keras` in the output
-        directory instead.
-        """
-        self._send(
-            {"model": str((self.output_dir / "model.keras").resolve())},
-            lambda: _log_keras_model(self.uri, self.run_id, model, input_example),
+
+class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
+    """The one place where this project's MLflow runs begin and end.
+
+    `with open_run(cfg, kind, name) as run:` creates the run (tagged `resnet_lab.kind`, the host and
+    process, the git commit and any Hydra sweep), and ends it FINISHED when the block completes, KILLED on
+    Ctrl-C or SIGTERM (which the entry points raise as KeyboardInterrupt), FAILED with the reason in the
+    `resnet_lab.failure` tag on any other exception: never left RUNNING. Runs of the same kind that a kill
+    -9 on this machine left RUNNING are ended KILLED when the next one opens.
+
+    With `record_dir`, the run belongs to a run directory, the durable record (see `sync`): the run id is
+    kept there so that a restarted run continues it, the end is written there first, and the run is
+    brought up to date from the directory; a tracking server that is away when the run ends leaves it
+    RUNNING until `python -m resnet_lab.tracking sync DIR`.
+
+    Args:
+        cfg: the configuration (`tracking`); with `params=True` its resolved values become the run's
+            parameters.
+        kind: `train`, `evaluate`, `study`, `bench` or `sweep`.
+        name: the run name shown in the UI.
+        tags: more tags.
+        record_dir: the run directory of a training run.
+        params: log `cfg` as parameters (a new run only).
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        kind: str,
+        name: str,
+        *,
+        tags: dict[str, str] | None = None,
+        record_dir: str | os.PathLike | None = None,
+        params: bool = False,
+    ):
+        self.cfg, self.kind, self.name = cfg, kind, name
+        self.tags = tags or {}
+        self.record_dir = Path(record_dir) if record_dir is not None else None
+        self.params = params
+        self.run: Run | None = None
+        self.resumed = False
+
+    def __enter__(self) -> Run:
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(self.cfg)
+        check_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+        experiment = experiment_id(client, str(self.cfg.tracking.experiment_name), uri)
+        _end_orphaned_runs(client, experiment, self.kind)
+        previous = self._recorded_run_id(client)
+        if previous:
+            self.resumed = True
+            client.update_run(previous, status="RUNNING")
+            client.set_tag(previous, "resnet_lab.resumed", "true")
+            client.set_tag(previous, PID_TAG, str(os.getpid()))
+            (self.record_dir / STATUS_FILE).unlink(missing_ok=True)
+            self.run = Run(client, previous)
+            return self.run
+        created = client.create_run(
+            experiment,
+            run_name=self.name,
+            tags={
+                **context_tags(),
+                KIND_TAG: self.kind,
+                HOST_TAG: socket.gethostname(),
+                PID_TAG: str(os.getpid()),
+                **self.tags,
+            },
         )
+        self.run = Run(client, created.info.run_id)
+        if self.record_dir is not None:
+            self.record_dir.mkdir(parents=True, exist_ok=True)
+            (self.record_dir / STATUS_FILE).unlink(missing_ok=True)
+            write_text_atomically(
+                self.record_dir / RUN_ID_FILE,
+                json.dumps(
+                    {
+                        "run_id": self.run.run_id,
+                        "tracking_uri": mask_password(uri),
+                        "log_model": bool(self.cfg.tracking.get("log_model", False)),
+                    }
+                )
+                + "\n",
+            )
+        if self.params:
+            self.run.log_params(flatten(self.cfg))
+        return self.run
 
-    def __enter__(self) -> RunTracker:
-        return self
+    def _recorded_run_id(self, client) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        id_file = self.record_dir / RUN_ID_FILE if self.record_dir is not None else None
+        if id_file is None or not id_file.is_file():
+            return None
+        run_id = json.loads(id_file.read_text())["run_id"]
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            return None
+        return run_id
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self.run_id is None:
+        if self.run is None:
             return False
         end = {"status": "FINISHED", "end_time": int(time.time() * 1000)}
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             end["status"] = "KILLED"
         elif exc_type is not None:
             end.update(status="FAILED", failure=" ".join(f"{exc_type.__name__}: {exc}".split())[:4000])
-        self._send(end)
-        if self._away:
-            log.warning(
-                "MLflow run %s stays RUNNING at %s until `python -m resnet_lab.tracking replay %s` sends "
-                "its last records and its end (%s)",
-                self.run_id, mask_password(self.uri), self.unsent_file, end["status"],
-            )  # fmt: skip
+        with _signals_held():
+            if self.record_dir is None:
+                _end(self.run.client, self.run.run_id, end)
+                return False
+            write_text_atomically(self.record_dir / STATUS_FILE, json.dumps(end) + "\n")
+            try:
+                sync(self.record_dir, self.run.client)
+            except Exception as exc_sync:
+                if not _unreachable(exc_sync):
+                    raise
+                log.warning(
+                    "MLflow run %s stays RUNNING at %s until `python -m resnet_lab.tracking sync %s` "
+                    "sends what it lacks and its end (%s)",
+                    self.run.run_id, mask_password(self.run.client.tracking_uri), self.record_dir,
+                    end["status"],
+                )  # fmt: skip
         return False
 
 
-class NoTracking:
-    """What a worker other than the chief of a multi-worker run records: nothing (the chief does)."""
+def _end(client, run_id: str, end: dict) -> None:
+    if end.get("failure"):
+        client.set_tag(run_id, FAILURE_TAG, end["failure"])
+    client.set_terminated(run_id, end["status"], end_time=end.get("end_time"))
 
-    run_id = None
-    resumed = False
 
-    def start(self, tags: dict[str, str], extra_params: dict | None = None) -> None:
-        return None
+def _end_orphaned_runs(client, experiment: str, kind: str) -> None:
+    """End KILLED the runs of `kind` that a kill -9 on this machine left RUNNING.
 
-    def logged_steps(self, key: str) -> set[int]:
-        return set()
+    A run counts as orphaned when its process, named in its tags, is gone; a run of a process still
+    working (a parallel sweep job, another `dvc queue` worker) is left alone.
+    """
+    import psutil
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        pass
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment], f"tags.`{KIND_TAG}` = '{kind}' and attributes.status = 'RUNNING'", max_results=1000
+    )
+    for run in running:
+        tags = run.data.tags
+        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
+            if not psutil.pid_exists(int(tags[PID_TAG])):
+                client.set_terminated(run.info.run_id, status="KILLED")
 
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        pass
 
-    def log_text(self, text: str, artifact_file: str) -> None:
-        pass
+def sync(record_dir: str | os.PathLike, client=None, *, live: bool = False) -> int:
+    """Bring a training run in MLflow up to date with its run directory; idempotent.
 
-    def log_model(self, model, input_example) -> None:
-        pass
+    The directory is the durable record: `history.csv` (written atomically every epoch), and at the end
+    the artifacts, `model.keras` and `status.json`. Epochs the run lacks are logged at their step; once
+    the run has ended, the artifacts, the model (once) and the end follow. Whatever a tracking outage
+    held back arrives with the next sync, and the run is tagged with the outage.
 
-    def __enter__(self) -> NoTracking:
-        return self
+    Args:
+        record_dir: a training run's directory (it holds `mlflow_run.json`).
+        client: an `MlflowClient`; one for the URI recorded in the directory when None.
+        live: called by the run itself after an epoch: only epochs before the last count as late.
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    Returns:
+        The number of epochs sent.
+    """
+    import math
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    record_dir = Path(record_dir)
+    recorded = json.loads((record_dir / RUN_ID_FILE).read_text())
+    client = client or MlflowClient(tracking_uri=recorded["tracking_uri"])
+    run = Run(client, recorded["run_id"])
+    history = record_dir / HISTORY_FILE
+    sent: list[int] = []
+    with _quick_retries():
+        if history.is_file():
+            have = {m.step for m in client.get_metric_history(run.run_id, "loss")}
+            for row in pd.read_csv(history).to_dict("records"):
+                epoch = int(row.pop("epoch"))
+                if epoch not in have:
+                    run.log_metrics({k: v for k, v in row.items() if math.isfinite(v)}, step=epoch)
+                    sent.append(epoch)
+        late = sent[:-1] if live else sent
+        if late:
+            run.set_tags({OUTAGE_TAG: f"epochs {late[0]}-{late[-1]} logged late"})
+        status = record_dir / STATUS_FILE
+        if not status.is_file():
+            return len(sent)
+        end = json.loads(status.read_text())
+        if end["status"] == "FINISHED":
+            summary = record_dir / "summary.json"
+            if summary.is_file():
+                run.log_metrics({"train_time_s": json.loads(summary.read_text())["train_time_s"]})
+            for name in RUN_ARTIFACTS:
+                if (record_dir / name).is_file():
+                    run.log_artifact(record_dir / name)
+            if recorded.get("log_model") and (record_dir / "model.keras").is_file():
+                _log_model_once(client, run.run_id, record_dir / "model.keras")
+        if client.get_run(run.run_id).info.status != end["status"]:
+            if not live and not late:
+                run.set_tags({OUTAGE_TAG: "the run's end logged late"})
+            _end(client, run.run_id, end)
+    return len(sent)
+
+
+def live_sync(record_dir: Path, client):
+    """What a training run calls after each epoch: `sync`, riding out a tracking server that is away.
+
+    While the server is away, training goes on: one warning, then a cheap health probe per epoch until
+    it answers, when the next sync sends everything it missed.
+    """
+    away = False
+
+    def on_epoch() -> None:
+        nonlocal away
+        if away and not _answers(client.tracking_uri):
+            return
+        try:
+            with _signals_held():
+                sync(record_dir, client, live=True)
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            if not away:
+                log.warning(
+                    "MLflow tracking at %s is unreachable (%s); training goes on, and its run directory %s "
+                    "is sent when the server answers again, or by `python -m resnet_lab.tracking sync %s`",
+                    mask_password(client.tracking_uri), " ".join(str(exc).split())[:200], record_dir,
+                    record_dir,
+                )  # fmt: skip
+            away = True
+            return
+        away = False
+
+    return on_epoch
+
+
+def _answers(uri: str) -> bool:
+    """A cheap probe while the store is away: an HTTP server's health check, anything else is tried."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import requests
+
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=2).ok
+    except requests.RequestException:
         return False
+
+
+def _log_model_once(client, run_id: str, path: Path) -> None:
+    """Log `model.keras` with MLflow's Keras flavour, unless the run already has its logged model."""
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models(
+        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
+    )
+    if logged:
+        return
+    import keras
+    import mlflow
+    import numpy as np
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    import resnet_lab.models  # noqa: F401  registers the custom layers a saved model refers to
+
+    model = keras.saving.load_model(path, compile=False)
+    example = np.zeros((1, *model.input_shape[1:]), dtype="float32")
+    # A signature rather than `input_example=`: the Keras flavour writes the example before it
+    # creates the model directory, and fails. A direct call, not predict(): one example cannot be
+    # split across a strategy's replicas.
+    signature = infer_signature(example, keras.ops.convert_to_numpy(model(example, training=False)))
+    with (
+        _fluent_tracking_uri(client.tracking_uri),
+        mlflow.start_run(run_id=run_id, nested=bool(mlflow.active_run())),
+    ):
+        mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            # Pinned here: inferring them loads the model in a subprocess, which costs a minute.
+            pip_requirements=[
+                f"tensorflow=={tf.__version__}",
+                f"keras=={keras.__version__}",
+                f"resnet-lab=={__import__('resnet_lab').__version__}",
+            ],
+        )
 
 
 try:
@@ -422,48 +574,27 @@ class SweepParentRun(_HydraCallback):
     """
 
     def __init__(self) -> None:
-        self.client = None
-        self.run_id: str | None = None
+        self._opened: open_run | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         import atexit
 
-        from mlflow.tracking import MlflowClient
-
-        uri = tracking_uri(config)
-        check_reachable(uri)
-        self.client = MlflowClient(tracking_uri=uri)
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
-        run = self.client.create_run(
-            experiment_id(self.client, config.tracking.experiment_name, uri),
-            run_name=f"sweep {Path(sweep_dir).name}",
-            tags={**context_tags(), "resnet_lab.kind": "sweep", "hydra.sweep_dir": sweep_dir},
+        self._opened = open_run(
+            config, "sweep", f"sweep {Path(sweep_dir).name}", tags={"hydra.sweep_dir": sweep_dir}
         )
-        self.run_id = run.info.run_id
-        os.environ[PARENT_RUN_ENV] = self.run_id
+        os.environ[PARENT_RUN_ENV] = self._opened.__enter__().run_id
         # A sweep that dies skips on_multirun_end; the parent must not stay RUNNING.
-        atexit.register(self._end, "FAILED")
+        atexit.register(self._end, RuntimeError("the sweep ended before its last job"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        self._end("FINISHED")
+        self._end(None)
 
-    def _end(self, status: str) -> None:
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status)
-            self.run_id = None
+    def _end(self, error: BaseException | None) -> None:
+        if self._opened is not None:
+            opened, self._opened = self._opened, None
             os.environ.pop(PARENT_RUN_ENV, None)
-
-
-def _answers(uri: str) -> bool:
-    """A cheap probe while the store is away: an HTTP server's health check, anything else is tried."""
-    if not uri.startswith(("http://", "https://")):
-        return True
-    import requests
-
-    try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=2).ok
-    except requests.RequestException:
-        return False
+            opened.__exit__(type(error) if error else None, error, None)
 
 
 @contextlib.contextmanager
@@ -516,127 +647,9 @@ def _unreachable(exc: BaseException) -> bool:
     )
 
 
-def _log_keras_model(uri: str, run_id: str, model, input_example) -> None:
-    import keras
-    import mlflow
-    import tensorflow as tf
-    from mlflow.models import infer_signature
-
-    # A signature rather than `input_example=`: the Keras flavour writes the example before it
-    # creates the model directory, and fails.
-    # A direct call, not predict(): one example cannot be split across a strategy's replicas.
-    signature = infer_signature(
-        input_example, keras.ops.convert_to_numpy(model(input_example, training=False))
-    )
-    with (
-        _fluent_tracking_uri(uri),
-        mlflow.start_run(run_id=run_id, nested=bool(mlflow.active_run())),
-    ):
-        mlflow.keras.log_model(
-            model,
-            name="model",
-            signature=signature,
-            # Pinned here: inferring them loads the model in a subprocess, which costs a minute.
-            pip_requirements=[
-                f"tensorflow=={tf.__version__}",
-                f"keras=={keras.__version__}",
-                f"resnet-lab=={__import__('resnet_lab').__version__}",
-            ],
-        )
-
-
-def _apply(client, record: dict, sent_steps: dict | None = None) -> None:
-    """Send one record (metrics, an artifact, or the run's end) to run `record["run_id"]`."""
-    from mlflow.entities import Metric
-
-    run_id = record["run_id"]
-    if "metrics" in record:
-        metrics = record["metrics"]
-        if sent_steps is not None:
-            # A request that timed out may have reached the server: never log a step twice.
-            for key in metrics:
-                if key not in sent_steps:
-                    sent_steps[key] = {m.step for m in client.get_metric_history(run_id, key)}
-            metrics = {k: v for k, v in metrics.items() if record["step"] not in sent_steps[k]}
-        client.log_batch(
-            run_id, metrics=[Metric(k, v, record["timestamp"], record["step"]) for k, v in metrics.items()]
-        )
-    elif "artifact" in record:
-        if Path(record["artifact"]).exists():
-            client.log_artifact(run_id, record["artifact"], record.get("artifact_path"))
-        else:
-            log.warning("%s is gone: not logged to MLflow run %s", record["artifact"], run_id)
-    elif "model" in record:
-        if not Path(record["model"]).is_file():
-            log.warning("%s is gone: no model logged to MLflow run %s", record["model"], run_id)
-            return
-        import keras
-        import numpy as np
-
-        import resnet_lab.models  # noqa: F401  registers the custom layers a saved model refers to
-
-        model = keras.saving.load_model(record["model"], compile=False)
-        example = np.zeros((1, *model.input_shape[1:]), dtype="float32")
-        _log_keras_model(client.tracking_uri, run_id, model, example)
-    elif "status" in record:
-        if record.get("failure"):
-            client.set_tag(run_id, "resnet_lab.failure", record["failure"])
-        client.set_terminated(run_id, record["status"], end_time=record.get("end_time"))
-
-
-def replay_unsent(path: str | os.PathLike, client=None, *, finish: bool = True) -> int:
-    """Send the records of a fallback file to their MLflow runs, oldest first.
-
-    Sent records leave the file, which is removed once empty; on a failure the rest stays for next time.
-    Each run gets the `resnet_lab.tracking_outage` tag saying how many records came late.
-
-    Args:
-        path: an `mlflow_unsent.jsonl` that `RunTracker` wrote.
-        client: an `MlflowClient`; one for the URI recorded in the file when None.
-        finish: also apply the runs' recorded ends (FINISHED, FAILED, KILLED); a live run catching up
-            drops them.
-
-    Returns:
-        The number of records sent.
-    """
-    path = Path(path)
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            # Only the last line can be cut short, by a kill during the write.
-            log.warning("%s:%d is not a complete record: skipped", path, number)
-    if client is None:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=records[0]["tracking_uri"]) if records else None
-    sent_steps: dict[str, dict] = {}
-    late: dict[str, int] = {}
-    sent = 0
-    try:
-        for record in records:
-            if "status" not in record:
-                _apply(client, record, sent_steps.setdefault(record["run_id"], {}))
-                late[record["run_id"]] = late.get(record["run_id"], 0) + 1
-            elif finish:
-                _apply(client, record)
-            sent += 1
-        for run_id, count in late.items():
-            client.set_tag(run_id, OUTAGE_TAG, f"{count} records logged late from {UNSENT_FILE}")
-    except Exception:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in records[sent:]))
-        os.replace(tmp, path)
-        raise
-    path.unlink()
-    return sent
-
-
 @cli
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m resnet_lab.tracking replay FILE [--uri URI]`: send what a run could not.
+    """`python -m resnet_lab.tracking sync DIR [--uri URI]`: bring a run in MLflow up to date with DIR.
 
     Args:
         argv: the arguments after the program name; `sys.argv[1:]` when None.
@@ -647,27 +660,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m resnet_lab.tracking", description=__doc__.splitlines()[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    replay = commands.add_parser("replay", help=f"send a run's {UNSENT_FILE} to its MLflow run")
-    replay.add_argument("file", type=Path)
-    replay.add_argument(
-        "--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else the one recorded in FILE)"
+    command = commands.add_parser("sync", help="send what a run's MLflow run lacks from its directory")
+    command.add_argument("dir", type=Path, help="a training run's directory, e.g. models/resnet34-0")
+    command.add_argument(
+        "--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else the one recorded in DIR)"
     )
     args = parser.parse_args(argv)
-    if not args.file.is_file():
-        raise ConfigError(f"{args.file} not found")
-    uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri is None:
-        first = next((line for line in args.file.read_text().splitlines() if line.strip()), None)
-        uri = json.loads(first)["tracking_uri"] if first else None
-        if uri and ":***@" in uri:
-            raise ConfigError(f"{args.file} records {uri} without its password: pass --uri")
+    id_file = args.dir / RUN_ID_FILE
+    if not id_file.is_file():
+        raise ConfigError(f"{id_file} not found: {args.dir} is not a training run's directory")
+    uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or json.loads(id_file.read_text())["tracking_uri"]
+    if ":***@" in uri:
+        raise ConfigError(f"{id_file} records {uri} without its password: pass --uri")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri) if uri else None
-    if uri:
-        check_reachable(uri)
-    count = replay_unsent(args.file, client)
-    print(f"sent {count} records from {args.file} to {mask_password(uri or '')}")
+    check_reachable(uri)
+    count = sync(args.dir, MlflowClient(tracking_uri=uri))
+    print(f"{args.dir}: sent {count} epochs to {mask_password(uri)}")
 
 
 if __name__ == "__main__":

@@ -11,24 +11,29 @@ and continues the same MLflow run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from resnet_lab.config import checkpoint_dir, run_dir, stage_config
+from resnet_lab.config import checkpoint_dir, member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
+from resnet_lab.runtime import (
+    DISTRIBUTIONS,
+    PRECISIONS,
+    is_chief,
+    make_strategy,
+    resolve_jit_compile,
+    resolve_precision,
+    worker_task,
+)
 
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-# Tensor Cores, which make float16 matmuls and convolutions fast, arrived with compute capability 7.0 (Volta).
-TENSOR_CORE_CAPABILITY = (7, 0)
-DISTRIBUTIONS = ("auto", "one_device", "mirrored", "multi_worker")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -111,137 +116,6 @@ def _choice(key: str, value, choices) -> None:
         raise ConfigError(f"unknown {key} {value!r}; choose one of {list(choices)}")
 
 
-def make_strategy(cfg: DictConfig):
-    """The tf.distribute strategy for `trainer.distribution` and the hardware.
-
-    auto: MultiWorkerMirroredStrategy when TF_CONFIG is set, MirroredStrategy over several GPUs (or
-    several logical CPUs, `trainer.logical_cpus`), else the default one-device strategy.
-    """
-    import tensorflow as tf
-
-    logical_cpus = cfg.trainer.get("logical_cpus")
-    if logical_cpus and logical_cpus > 1:
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        if tf.config.get_logical_device_configuration(cpu) is None:
-            tf.config.set_logical_device_configuration(
-                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(logical_cpus)]
-            )
-    choice = cfg.trainer.distribution
-    if choice == "auto":
-        if os.environ.get("TF_CONFIG"):
-            choice = "multi_worker"
-        elif len(tf.config.list_logical_devices("GPU")) > 1 or (logical_cpus or 1) > 1:
-            choice = "mirrored"
-        else:
-            choice = "one_device"
-    if choice == "multi_worker":
-        _let_keras_fit_on_several_workers()
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if choice == "mirrored":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    return tf.distribute.get_strategy()
-
-
-def resolve_jit_compile(setting, replicas: int) -> bool:
-    """`trainer.jit_compile`: true, false, or auto = XLA on a single GPU only.
-
-    Measured with `python -m resnet_lab.bench` on a 2-core CPU, XLA trains 2.3-3.8x slower than TensorFlow's
-    own (oneDNN) kernels, and under MirroredStrategy over CPU devices it fails to place resources
-    (keras-team/keras#19005); on a GPU it is the fast path.
-    """
-    import tensorflow as tf
-
-    if setting == "auto":
-        return replicas == 1 and bool(tf.config.list_logical_devices("GPU"))
-    return bool(setting)
-
-
-def resolve_precision(setting: str, gpu_capabilities: Sequence[tuple[int, int] | None] | None = None) -> str:
-    """`trainer.precision`: a Keras dtype policy, or auto = mixed_float16 where every GPU has Tensor Cores.
-
-    Auto follows Keras's mixed-precision guide: float16 compute with dynamic loss scaling (which
-    `model.compile` adds) on NVIDIA GPUs of compute capability 7.0 or newer, float32 everywhere else. On a
-    CPU, float16 is emulated and bfloat16 pays only with AVX512_BF16 or AMX, so a CPU stays in float32.
-
-    Args:
-        setting: "float32", "mixed_float16", "mixed_bfloat16" or "auto".
-        gpu_capabilities: (major, minor) per GPU, None for one that does not say; None: ask TensorFlow.
-
-    Returns:
-        The Keras dtype policy to train under.
-    """
-    if setting != "auto":
-        return setting
-    if gpu_capabilities is None:
-        import tensorflow as tf
-
-        gpu_capabilities = [
-            tf.config.experimental.get_device_details(gpu).get("compute_capability")
-            for gpu in tf.config.list_physical_devices("GPU")
-        ]
-    tensor_cores = [c is not None and tuple(c) >= TENSOR_CORE_CAPABILITY for c in gpu_capabilities]
-    return "mixed_float16" if tensor_cores and all(tensor_cores) else "float32"
-
-
-def worker_task() -> tuple[str, int] | None:
-    """This process's task in a `TF_CONFIG` cluster, as (type, index); None outside one."""
-    if not os.environ.get("TF_CONFIG"):
-        return None
-    task = json.loads(os.environ["TF_CONFIG"]).get("task", {})
-    return str(task.get("type", "worker")), int(task.get("index", 0))
-
-
-def is_chief() -> bool:
-    """Whether this process records the run: always outside a cluster; in one, TF's chief.
-
-    That is the `chief` task, else worker 0 (as TF's `multi_worker_util.is_chief` decides).
-    """
-    task = worker_task()
-    if task is None:
-        return True
-    cluster = json.loads(os.environ["TF_CONFIG"]).get("cluster", {})
-    return task[0] == "chief" or (task == ("worker", 0) and "chief" not in cluster)
-
-
-def _let_keras_fit_on_several_workers() -> None:
-    """Work around Keras 3's TF trainer under MultiWorkerMirroredStrategy (keras-team/keras#20585).
-
-    `fit` MEAN-reduces a whole distributed batch across workers only to learn its shapes, and reduces
-    each scalar log along an axis 0 it does not have: both fail. One worker's local batch has the shapes;
-    the logs are reduced as scalars. Remove once Keras handles the strategy itself.
-    """
-    from keras.src import tree
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    if getattr(tf_trainer, "_resnet_lab_multi_worker", False):
-        return
-
-    def maybe_symbolic_build(self, iterator=None, data_batch=None):
-        if self._distribute_strategy is None:
-            return
-        if iterator is not None:
-            for _, _, batches in iterator:
-                data_batch = tree.map_structure(
-                    lambda v: self.distribute_strategy.experimental_local_results(v)[0], next(batches)
-                )
-                break
-        with self.distribute_strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
-
-    reduce_per_replica = tf_trainer.reduce_per_replica
-
-    def reduce_scalars_across_workers(values, strategy, reduction):
-        if tf_trainer._collective_all_reduce_multi_worker(strategy) and reduction in ("auto", "mean"):
-            return tree.map_structure(lambda v: strategy.reduce("MEAN", v, axis=None), values)
-        return reduce_per_replica(values, strategy, reduction)
-
-    tf_trainer.TensorFlowTrainer._maybe_symbolic_build = maybe_symbolic_build
-    tf_trainer.reduce_per_replica = reduce_scalars_across_workers
-    tf_trainer._resnet_lab_multi_worker = True
-
-
 def effective_learning_rate(cfg: DictConfig) -> float:
     """The peak learning rate for the global batch: `optimizer.learning_rate`, scaled linearly from
     `optimizer.reference_batch_size` to `trainer.batch_size` when that is set (Goyal et al. 2017)."""
@@ -302,35 +176,82 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
         ConfigError: bad configuration, found before training.
         TrainingDiverged: the loss became NaN; the MLflow run ends FAILED.
     """
-    validate(cfg)
     import keras
-    import tensorflow as tf
 
-    from resnet_lab import data as data_lib
     from resnet_lab import tracking
-    from resnet_lab.callbacks import EpochMetrics, GradientNorms, MlflowLogger
-    from resnet_lab.checkpoints import AtomicBackupAndRestore
-    from resnet_lab.models import build_from_config, count_macs, count_params, get_arch
+    from resnet_lab.models import get_arch
+
+    validate(cfg)
+    work_dir, results_dir = _run_dirs(cfg, output_dir)
+    arch = get_arch(cfg.model.name)
+    keras.utils.set_random_seed(int(cfg.seed))
+    tags = {
+        "resnet_lab.family": arch.family,
+        "resnet_lab.depth": str(arch.depth),
+        "resnet_lab.dataset": cfg.data.name,
+        "resnet_lab.model": cfg.model.name,
+    }
+    opened = (
+        tracking.open_run(cfg, "train", member_name(cfg), tags=tags, record_dir=work_dir, params=True)
+        if is_chief()
+        else contextlib.nullcontext()  # the chief records a multi-worker run
+    )
+    with _runtime(cfg) as (strategy, precision), opened as run:
+        data = _datasets(cfg, work_dir, strategy.num_replicas_in_sync)
+        with strategy.scope():
+            model = _model(cfg, data)
+        if run is not None:
+            if not opened.resumed:
+                run.log_params(_resolved_params(cfg, model, precision, strategy.num_replicas_in_sync))
+            _write_text(work_dir / "config.yaml", tracking.masked_yaml(cfg))
+            _write_text(work_dir / "model_summary.txt", _summary_text(model))
+        on_epoch = tracking.live_sync(work_dir, run.client) if run is not None else None
+        started = time.perf_counter()
+        history = model.fit(
+            data["train"],
+            validation_data=data["validation"],
+            epochs=int(cfg.trainer.epochs),
+            steps_per_epoch=data["train_steps"],
+            validation_steps=data["validation_steps"],
+            callbacks=_callbacks(cfg, data, work_dir, on_epoch),
+            shuffle=False,  # make_dataset shuffles with the run's seed
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+        train_time = time.perf_counter() - started
+        _check_finite(cfg, history)
+        summary = _save_results(cfg, arch, model, work_dir, train_time, run, data["train_steps"])
+    if results_dir is not None and is_chief():
+        _publish_results(work_dir, results_dir)
+    return {**summary["final"], "mlflow_run_id": summary["mlflow_run_id"]}
+
+
+def _run_dirs(cfg: DictConfig, output_dir) -> tuple[Path, Path | None]:
+    """The directory the run works in, and for a DVC stage the output directory it publishes to."""
+    from resnet_lab import tracking
 
     results_dir = None
     if output_dir is None:
         results_dir = run_dir(cfg)
         check_output_dir(results_dir, "output directory")
         output_dir = checkpoint_dir(cfg)
-    output_dir = Path(output_dir)
-    check_output_dir(output_dir, "output directory")
-    spec = data_lib.data_spec(cfg)
-    if is_chief():
-        tracker = tracking.RunTracker.for_training(cfg, output_dir)
-        if results_dir is not None:
-            _discard_other_configs_checkpoint(output_dir, tracking.masked_yaml(cfg))
-    else:
+    work_dir = Path(output_dir)
+    check_output_dir(work_dir, "output directory")
+    if not is_chief():
         # The chief records the run; the other workers keep their checkpoints apart, to resume with it.
         task_type, index = worker_task()
-        output_dir = output_dir / f"{task_type}-{index}"
-        tracker = tracking.NoTracking()
+        work_dir = work_dir / f"{task_type}-{index}"
+    elif results_dir is not None:
+        _discard_other_configs_checkpoint(work_dir, tracking.masked_yaml(cfg))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return work_dir, results_dir
 
-    keras.utils.set_random_seed(int(cfg.seed))
+
+@contextlib.contextmanager
+def _runtime(cfg: DictConfig):
+    """The strategy and the precision policy for the run; the previous global policy is put back after."""
+    import keras
+    import tensorflow as tf
+
     if cfg.trainer.deterministic:
         tf.config.experimental.enable_op_determinism()
     previous_policy = keras.mixed_precision.global_policy()
@@ -338,111 +259,105 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
         strategy = make_strategy(cfg)
         precision = resolve_precision(cfg.trainer.precision)
         keras.mixed_precision.set_global_policy(precision)
-        replicas = strategy.num_replicas_in_sync
-        if cfg.trainer.batch_size % replicas:
+        if cfg.trainer.batch_size % strategy.num_replicas_in_sync:
             raise ConfigError(
-                f"trainer.batch_size {cfg.trainer.batch_size} is not divisible by the {replicas} replicas"
+                f"trainer.batch_size {cfg.trainer.batch_size} is not divisible by the "
+                f"{strategy.num_replicas_in_sync} replicas"
             )
-        train_ds, train_steps = _split(
-            data_lib, spec, "train", cfg, cfg.trainer.steps_per_epoch, training=True,
-            skip_epochs=_finished_epochs(output_dir) if cfg.trainer.checkpoint else 0,
-        )  # fmt: skip
-        val_ds, val_steps = _split(
-            data_lib, spec, "validation", cfg, cfg.trainer.validation_steps, training=False
-        )
-        arch = get_arch(cfg.model.name)
-        with strategy.scope():
-            model = build_from_config(
-                cfg.model, spec.num_classes, spec.input_shape, cfg.optimizer.weight_decay
-            )
-            compile_model(
-                model,
-                cfg,
-                train_steps or spec.num_batches("train", cfg.trainer.batch_size, training=True),
-                replicas=replicas,
-            )
-        smoothing = float(cfg.trainer.label_smoothing)
-        # Its own dataset: a second iterator over train_ds would shift the training iterator's shuffles.
-        probe_ds = data_lib.make_dataset("train", cfg, training=False)
-        if smoothing:
-            train_ds, val_ds, probe_ds = (
-                ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes)))
-                for ds in (train_ds, val_ds, probe_ds)
-            )
-        params, macs = count_params(model), count_macs(model)
-
-        with tracker:
-            tracker.start(
-                tags={
-                    "resnet_lab.family": arch.family,
-                    "resnet_lab.depth": str(arch.depth),
-                    "resnet_lab.dataset": cfg.data.name,
-                    "resnet_lab.model": cfg.model.name,
-                },
-                extra_params={
-                    "model.trainable_params": params,
-                    "model.macs_per_image": macs,
-                    "replicas": replicas,
-                    # What the `auto` settings resolved to on this machine.
-                    "precision_policy": precision,
-                    "optimizer.effective_learning_rate": effective_learning_rate(cfg),
-                    "jit_compile": bool(model.jit_compile),
-                },
-            )
-            tracker.log_text(tracking.masked_yaml(cfg), "config.yaml")
-            tracker.log_text(_summary_text(model), "model_summary.txt")
-            output_dir.mkdir(parents=True, exist_ok=True)
-            batches_per_epoch = train_steps or spec.num_batches(
-                "train", cfg.trainer.batch_size, training=True
-            )
-            epoch_metrics = EpochMetrics(batches_per_epoch * cfg.trainer.batch_size)
-            callbacks = [
-                keras.callbacks.TerminateOnNaN(),
-                epoch_metrics,
-                GradientNorms(probe_ds, tracker, every=int(cfg.trainer.grad_norm_every)),
-                MlflowLogger(tracker, output_dir / "history.csv"),
-            ]
-            if cfg.trainer.checkpoint:
-                # Last, so an epoch is logged before it counts as done: a kill in between re-runs the
-                # epoch, and the logger skips the steps MLflow already has.
-                callbacks.append(AtomicBackupAndRestore(output_dir / "backup"))
-            started = time.perf_counter()
-            history = model.fit(
-                train_ds,
-                validation_data=val_ds,
-                epochs=int(cfg.trainer.epochs),
-                steps_per_epoch=train_steps,
-                validation_steps=val_steps,
-                callbacks=callbacks,
-                shuffle=False,  # make_dataset shuffles with the run's seed
-                verbose=1 if sys.stdout.isatty() else 2,
-            )
-            train_time = time.perf_counter() - started
-            last = {k: float(v[-1]) for k, v in history.history.items() if v}
-            if not history.history.get("loss") or not all(math.isfinite(v) for v in last.values()):
-                raise TrainingDiverged(
-                    f"loss became NaN or infinite at epoch {len(history.history.get('loss', []))}; "
-                    f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate}, "
-                    f"{effective_learning_rate(cfg):g} for the batch)"
-                )
-            model.save(output_dir / "model.keras")
-            if cfg.tracking.log_model:
-                tracker.log_model(model, next(iter(val_ds.take(1)))[0].numpy()[:1])
-            tracker.log_artifact(output_dir / "history.csv")
-            curve = _plot_learning_curve(
-                output_dir / "history.csv", output_dir / "learning_curve.png", cfg.model.name
-            )
-            tracker.log_artifact(curve)
-            summary = _summary(cfg, arch, params, macs, output_dir, train_time, tracker.run_id)
-            summary["steps"] = int(train_steps) * int(cfg.trainer.epochs)
-            tracker.log_metrics({"train_time_s": train_time})
-            _write_json(output_dir / "summary.json", summary)
-            tracker.log_artifact(output_dir / "summary.json")
-        if results_dir is not None and is_chief():
-            _publish_results(output_dir, results_dir)
-        return {**summary["final"], "mlflow_run_id": tracker.run_id}
+        yield strategy, precision
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _datasets(cfg: DictConfig, work_dir: Path, replicas: int) -> dict:
+    """The training stream (resumed where the checkpoint stops), validation, a probe for gradient norms."""
+    import tensorflow as tf
+
+    from resnet_lab import data as data_lib
+
+    spec = data_lib.data_spec(cfg)
+    train_ds, train_steps = _split(
+        data_lib, spec, "train", cfg, cfg.trainer.steps_per_epoch, training=True,
+        skip_epochs=_finished_epochs(work_dir) if cfg.trainer.checkpoint else 0,
+    )  # fmt: skip
+    val_ds, val_steps = _split(
+        data_lib, spec, "validation", cfg, cfg.trainer.validation_steps, training=False
+    )
+    # Its own dataset: a second iterator over train_ds would shift the training iterator's shuffles.
+    probe_ds = data_lib.make_dataset("train", cfg, training=False)
+    if float(cfg.trainer.label_smoothing):
+        train_ds, val_ds, probe_ds = (
+            ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes))) for ds in (train_ds, val_ds, probe_ds)
+        )
+    return {
+        "spec": spec, "replicas": replicas, "train": train_ds, "train_steps": train_steps,
+        "validation": val_ds, "validation_steps": val_steps, "probe": probe_ds,
+    }  # fmt: skip
+
+
+def _model(cfg: DictConfig, data: dict):
+    from resnet_lab.models import build_from_config
+
+    spec = data["spec"]
+    model = build_from_config(cfg.model, spec.num_classes, spec.input_shape, cfg.optimizer.weight_decay)
+    compile_model(model, cfg, data["train_steps"], replicas=data["replicas"])
+    return model
+
+
+def _resolved_params(cfg: DictConfig, model, precision: str, replicas: int) -> dict:
+    """What the model measures and what the `auto` settings resolved to on this machine."""
+    from resnet_lab.models import count_macs, count_params
+
+    return {
+        "model.trainable_params": count_params(model),
+        "model.macs_per_image": count_macs(model),
+        "replicas": replicas,
+        "precision_policy": precision,
+        "optimizer.effective_learning_rate": effective_learning_rate(cfg),
+        "jit_compile": bool(model.jit_compile),
+    }
+
+
+def _callbacks(cfg: DictConfig, data: dict, work_dir: Path, on_epoch) -> list:
+    import keras
+
+    from resnet_lab.callbacks import EpochMetrics, GradientNorms, HistoryLogger
+    from resnet_lab.checkpoints import AtomicBackupAndRestore
+
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        EpochMetrics(data["train_steps"] * cfg.trainer.batch_size),
+        GradientNorms(data["probe"], every=int(cfg.trainer.grad_norm_every)),
+        HistoryLogger(work_dir / "history.csv", on_epoch=on_epoch),
+    ]
+    if cfg.trainer.checkpoint:
+        # Last, so an epoch is recorded before it counts as done: a kill in between re-runs the epoch,
+        # and the history drops the repeated row.
+        callbacks.append(AtomicBackupAndRestore(work_dir / "backup"))
+    return callbacks
+
+
+def _check_finite(cfg: DictConfig, history) -> None:
+    last = {k: float(v[-1]) for k, v in history.history.items() if v}
+    if not history.history.get("loss") or not all(math.isfinite(v) for v in last.values()):
+        raise TrainingDiverged(
+            f"loss became NaN or infinite at epoch {len(history.history.get('loss', []))}; "
+            f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate}, "
+            f"{effective_learning_rate(cfg):g} for the batch)"
+        )
+
+
+def _save_results(cfg: DictConfig, arch, model, work_dir: Path, train_time: float, run, steps: int) -> dict:
+    """The model, the learning curve and `summary.json` in the run directory (MLflow gets them by sync)."""
+    from resnet_lab.models import count_macs, count_params
+
+    model.save(work_dir / "model.keras")
+    _plot_learning_curve(work_dir / "history.csv", work_dir / "learning_curve.png", cfg.model.name)
+    run_id = run.run_id if run is not None else None
+    summary = _summary(cfg, arch, count_params(model), count_macs(model), work_dir, train_time, run_id)
+    summary["steps"] = int(steps) * int(cfg.trainer.epochs)
+    _write_json(work_dir / "summary.json", summary)
+    return summary
 
 
 STAGE_CONFIG_FILE = "config.yaml"
@@ -461,26 +376,24 @@ def _discard_other_configs_checkpoint(work_dir: Path, config_yaml: str) -> None:
     if work_dir.is_dir() and not (recorded.is_file() and recorded.read_text() == config_yaml):
         if (work_dir / "backup").exists() or (work_dir / tracking.RUN_ID_FILE).exists():
             print(f"{work_dir} holds a checkpoint of another configuration: starting afresh", file=sys.stderr)
-        for item in work_dir.iterdir():
-            if item.name != tracking.UNSENT_FILE:  # records for MLflow still to send
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     _write_text(recorded, config_yaml)
 
 
 def _publish_results(work_dir: Path, results_dir: Path) -> None:
-    """Move a finished stage's results into its DVC output directory, each file whole, then tidy up."""
+    """Move a finished stage's results into its DVC output directory, each file whole, then tidy up.
+
+    The directory keeps what `python -m resnet_lab.tracking sync` needs, should MLflow lack any of it.
+    """
     import shutil
 
-    from resnet_lab import tracking
-    from resnet_lab.report import staged_files
+    from resnet_lab.files import staged_files
 
     with staged_files(results_dir) as staging:
         for item in work_dir.iterdir():
-            if item.is_file() and item.name not in (STAGE_CONFIG_FILE, tracking.UNSENT_FILE):
+            if item.is_file():
                 shutil.copy2(item, staging / item.name)
-    if (work_dir / tracking.UNSENT_FILE).exists():
-        return  # kept with the file for `python -m resnet_lab.tracking replay`
     shutil.rmtree(work_dir, ignore_errors=True)
 
 

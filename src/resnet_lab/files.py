@@ -1,0 +1,46 @@
+"""Writing results so that a kill at any instant leaves the old file or the new one, never a part."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old content or the new, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def staged_files(target_dir: str | os.PathLike) -> Iterator[Path]:
+    """Write files into a temporary directory; on success each one replaces its namesake in `target_dir`.
+
+    A crash or an exception leaves `target_dir` as it was, and a reader never sees a half-written file:
+    the staging directory sits beside `target_dir`, on the same file system, so each move is one rename.
+
+    Args:
+        target_dir: where the files belong; created if missing.
+
+    Yields:
+        The staging directory, to fill with plain files.
+    """
+    target_dir = Path(target_dir)
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.", suffix=".tmp", dir=target_dir.parent))
+    try:
+        yield staging
+        target_dir.mkdir(exist_ok=True)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, target_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
