@@ -71,12 +71,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_cli(args, cwd, *, timeout=240, env_extra=None, check=False) -> subprocess.CompletedProcess:
+    """A command as a user types it: this interpreter's `python`, `dvc` and `mlflow` first on PATH, no
+    MLFLOW_TRACKING_URI from the caller, TensorFlow's C++ logs quiet. `args[0]` may be a module
+    (`resnet_lab.train`), run as `python -m`.
+
+    Raises:
+        AssertionError: with `check`, a non-zero exit, showing the ends of stdout and stderr.
+    """
+    if str(args[0]).startswith("resnet_lab."):
+        args = [sys.executable, "-m", *args]
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1",
+        **(env_extra or {}),
+    }  # fmt: skip
+    if "MLFLOW_TRACKING_URI" not in (env_extra or {}):
+        env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode:
+        raise AssertionError(
+            f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """A real `mlflow server` on 127.0.0.1 with a SQLite backend; yields its URI, stops it afterwards."""
+    """A real `mlflow server` on 127.0.0.1 with a SQLite backend (`.uri`, `.kill()`, `.start()`), stopped
+    afterwards."""
     server = MlflowServer(tmp_path / "server").start()
     try:
-        yield server.uri
+        yield server
     finally:
         server.stop()
 

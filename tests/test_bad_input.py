@@ -8,16 +8,13 @@ Hydra's, whose errors come from Hydra before any of our code.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import TINY, free_port, path_overrides
+from conftest import TINY, free_port, path_overrides, run_cli
 from resnet_lab import compare, evaluate, prepare
 from resnet_lab.config import compose
 from resnet_lab.train import stage_main
@@ -132,13 +129,6 @@ def test_a_bad_stage_argument_costs_one_line(main, args, message, params_file, t
     assert not (tmp_path / "prepared").exists()
 
 
-def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-
-
 # Real command lines. Hydra's own errors come before TensorFlow is imported: those cost a second each.
 # fmt: off
 CLI_CASES = [
@@ -165,7 +155,7 @@ def test_a_bad_command_line_costs_one_line(args, message, params_file, digits_ro
             f"hydra.sweep.dir={tmp_path}/sweep",
             *(arg for arg in args if arg not in flags),
         ]
-    result = _run("resnet_lab.train", args, tmp_path)
+    result = run_cli(["resnet_lab.train", *args], tmp_path)
     lines = _error_lines(result.stderr)
     assert len(lines) == 1 and result.returncode == 2, result.stderr[-3000:]
     assert message.format(tmp=tmp_path) in lines[0], lines[0]

@@ -11,8 +11,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,6 +20,7 @@ import pytest
 import tensorflow_datasets as tfds
 from omegaconf import OmegaConf
 
+from conftest import run_cli
 from resnet_lab.config import compose
 from resnet_lab.data import data_spec, dataset_info, make_dataset
 from resnet_lab.errors import ConfigError, DataError
@@ -312,12 +311,7 @@ def test_prepare_stage_cli_reports_the_offline_failure_in_seconds(tmp_path, refu
     OmegaConf.save(make_cfg(tmp_path, f"data.manual_dir={manual_dir}", data="cifar10"), params)
 
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "resnet_lab.prepare", "--params", str(params)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = run_cli(["resnet_lab.prepare", "--params", params], tmp_path, timeout=60)
 
     assert time.monotonic() - started < 30
     assert result.returncode == 2

@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, MlflowServer, path_overrides
+from conftest import TINY, path_overrides, run_cli
 from resnet_lab import tracking
 from resnet_lab.callbacks import HistoryLogger
 from resnet_lab.config import compose
@@ -25,19 +24,9 @@ from resnet_lab.train import train
 HISTORY = ["loss", "accuracy", "val_loss", "val_accuracy"]
 
 
-def _quiet_tf() -> dict[str, str]:
-    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-
-
-@pytest.fixture
-def server(tmp_path):
-    server = MlflowServer(tmp_path / "server").start()
-    yield server
-    server.stop()
-
-
-def test_a_tracking_server_outage_loses_no_metric(tiny_cfg, tmp_path, server, monkeypatch, caplog):
+def test_a_tracking_server_outage_loses_no_metric(tiny_cfg, tmp_path, mlflow_server, monkeypatch, caplog):
     """Gone after epoch 1, back after epoch 2 (caught up by itself), gone after epoch 3 (synced by hand)."""
+    server = mlflow_server
     cfg = tiny_cfg(
         f"tracking.uri={server.uri}",
         "trainer.epochs=4",
@@ -122,11 +111,10 @@ def test_a_truncated_split_index_fails_the_train_cli_on_one_line(digits_root, tm
     data = _prepared_copy(digits_root, tmp_path)
     index = data / "prepared" / "digits" / "train_indices.npy"
     index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
-    result = subprocess.run(
-        [sys.executable, "-m", "resnet_lab.train", *TINY, *path_overrides(data, tmp_path),
-         f"hydra.run.dir={tmp_path}/run"],
-        cwd=tmp_path, env=_quiet_tf(), capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    result = run_cli(
+        ["resnet_lab.train", *TINY, *path_overrides(data, tmp_path), f"hydra.run.dir={tmp_path}/run"],
+        tmp_path,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
@@ -211,10 +199,7 @@ def test_a_deterministic_run_killed_and_resumed_ends_like_an_uninterrupted_one(d
     straight = train(compose(overrides), output_dir=tmp_path / "straight")
 
     resumed_dir = tmp_path / "resumed"
-    killed = subprocess.run(
-        [sys.executable, "-c", _KILLED_MID_EPOCH, str(resumed_dir), *overrides],
-        cwd=tmp_path, env=_quiet_tf(), capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    killed = run_cli([sys.executable, "-c", _KILLED_MID_EPOCH, resumed_dir, *overrides], tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert json.loads((resumed_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 2
     resumed = train(compose(overrides), output_dir=resumed_dir)

@@ -20,25 +20,13 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
+from conftest import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args, cwd, *, check=True, timeout=600) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        # The stages' `python` is this interpreter, with the package installed.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "TF_CPP_MIN_LOG_LEVEL": "3",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@127.0.0.1",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@127.0.0.1",
-    }  # fmt: skip
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode:
-        raise AssertionError(
-            f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
-    return result
+    return run_cli(args, cwd, check=check, timeout=timeout)
 
 
 def _dvc(*args, cwd, check=True):

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from resnet_lab.compare import compare, main
 from resnet_lab.config import compose
 from resnet_lab.errors import ConfigError
+from resnet_lab.files import staged_files
 from resnet_lab.report import (
     check_design,
     convergence,
@@ -26,7 +27,6 @@ from resnet_lab.report import (
     plot_learning_curves,
     render_report,
     render_table,
-    staged_files,
     verdict,
 )
 

@@ -17,21 +17,13 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, MlflowServer, free_port, path_overrides
+from conftest import TINY, MlflowServer, free_port, path_overrides, run_cli
 from resnet_lab.config import conf_dir
 
 SECRET = "s3cret"
 MODELS = ("resnet8", "plain8")
 SEEDS = (0, 1, 2, 3)
 SWEEP_SEEDS = ",".join(map(str, SEEDS))
-
-
-def _train_cli(args, cwd: Path, *, timeout=420, env_extra=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "resnet_lab.train", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
 
 
 def _sweep_runs(client: MlflowClient):
@@ -67,13 +59,14 @@ def server_sweep(digits_root, tmp_path_factory):
     server = MlflowServer(work / "server").start()
     uri = server.uri.replace("://", f"://alice:{SECRET}@")
     try:
-        result = _train_cli(
+        result = run_cli(
             [
-                "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                "resnet_lab.train", "--multirun", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                 *TINY, *path_overrides(digits_root, work), f"tracking.uri={uri}", "trainer.epochs=2",
                 f"hydra.sweep.dir={work}/sweep", f"model={','.join(MODELS)}", f"seed={SWEEP_SEEDS}",
             ],
             work,
+            timeout=420,
         )  # fmt: skip
         yield result, MlflowClient(tracking_uri=server.uri), server
     finally:
@@ -152,13 +145,15 @@ def test_a_submitit_local_sweep_runs_two_jobs_into_one_sqlite_file(digits_root, 
     SQLite serialises writers with a file lock, which MLflow's SQLAlchemy store waits for: one machine's
     parallel sweep works without a server; see the next test for a harsher load.
     """
-    result = _train_cli(
+    result = run_cli(
         [
-            "--multirun", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", *TINY,
+            "resnet_lab.train", "--multirun", "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10", *TINY,
             *path_overrides(digits_root, tmp_path), f"hydra.sweep.dir={tmp_path}/sweep",
             f"model={','.join(MODELS)}",
         ],
         tmp_path,
+        timeout=420,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_complete_sweep(
@@ -247,7 +242,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 
 def test_the_tests_mlflow_server_listens_on_loopback_only(mlflow_server):
-    assert _listening_addresses(int(mlflow_server.rsplit(":", 1)[1])) == {"127.0.0.1"}
+    assert _listening_addresses(int(mlflow_server.uri.rsplit(":", 1)[1])) == {"127.0.0.1"}
 
 
 def test_the_readme_starts_no_mlflow_server_on_every_interface():

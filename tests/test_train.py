@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import TINY, path_overrides
+from conftest import TINY, path_overrides, run_cli
 from resnet_lab.errors import ConfigError
 from resnet_lab.train import TrainingDiverged, resolve_precision, train
 
@@ -28,14 +28,6 @@ def _runs(cfg, filter_string: str = ""):
     client = _client(cfg)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
     return client.search_runs([experiment.experiment_id], filter_string) if experiment else []
-
-
-def _train_cli(args, cwd, *, timeout=240, env_extra=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "resnet_lab.train", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
 
 
 def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, tmp_path, monkeypatch):
@@ -170,9 +162,9 @@ def test_an_unreachable_tracking_server_fails_at_once_naming_the_uri(tiny_cfg, t
 
 
 def test_a_real_mlflow_server_receives_the_run(tiny_cfg, mlflow_server):
-    cfg = tiny_cfg(f"tracking.uri={mlflow_server}")
+    cfg = tiny_cfg(f"tracking.uri={mlflow_server.uri}")
     metrics = train(cfg)
-    client = MlflowClient(tracking_uri=mlflow_server)
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]
@@ -243,9 +235,9 @@ def test_a_sigterm_during_a_tracking_call_is_delivered_when_the_call_ends():
 
 
 def test_a_two_job_multirun_shares_one_parent_run(digits_root, tmp_path):
-    result = _train_cli(
-        ["--multirun", *TINY, *path_overrides(digits_root, tmp_path), f"hydra.sweep.dir={tmp_path}/sweep",
-         "model=resnet8,plain8"],
+    result = run_cli(
+        ["resnet_lab.train", "--multirun", *TINY, *path_overrides(digits_root, tmp_path),
+         f"hydra.sweep.dir={tmp_path}/sweep", "model=resnet8,plain8"],
         tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -268,13 +260,15 @@ def test_mirrored_strategy_over_two_logical_cpus(digits_root, tmp_path):
         "trainer.logical_cpus=2",
         "trainer.distribution=mirrored",
     ]
-    result = _train_cli([*base, f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    result = run_cli(["resnet_lab.train", *base, f"hydra.run.dir={tmp_path}/run"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("resnet-lab").experiment_id])
     assert run.data.params["replicas"] == "2" and run.info.status == "FINISHED"
 
-    odd = _train_cli([*base, "trainer.batch_size=15", f"hydra.run.dir={tmp_path}/odd"], tmp_path)
+    odd = run_cli(
+        ["resnet_lab.train", *base, "trainer.batch_size=15", f"hydra.run.dir={tmp_path}/odd"], tmp_path
+    )
     assert odd.returncode == 2
     assert odd.stderr.strip().splitlines()[-1] == (
         "error: trainer.batch_size 15 is not divisible by the 2 replicas"

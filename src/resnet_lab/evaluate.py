@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from resnet_lab.config import member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.files import staged_files
 from resnet_lab.report import plot_confusion_matrix
-from resnet_lab.tracking import tracking_uri
+from resnet_lab.tracking import Run, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +170,8 @@ def confusion_dir(cfg: DictConfig) -> Path:
 def _log_to_training_run(
     cfg: DictConfig, run_id: str, numbers: dict, files: Sequence[Path], *, step: int
 ) -> None:
+    """Add the evaluation to the member's training run, which stays as training ended it."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(cfg)
@@ -183,12 +182,10 @@ def _log_to_training_run(
         raise ConfigError(
             f"MLflow run {run_id!r} of {cfg.model.name} seed {cfg.seed} is not in the store {uri}: {exc}"
         ) from exc
-    timestamp = int(time.time() * 1000)
-    client.log_batch(
-        run_id, metrics=[Metric(key, float(numbers[key]), timestamp, step) for key in LOGGED_METRICS]
-    )
+    run = Run(client, run_id)
+    run.log_metrics({key: numbers[key] for key in LOGGED_METRICS}, step=step)
     for path in files:
-        client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
+        run.log_artifact(path, artifact_path=ARTIFACT_DIR)
 
 
 def _trained_member(cfg: DictConfig) -> tuple[Path, dict]:

@@ -196,30 +196,32 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
         if is_chief()
         else contextlib.nullcontext()  # the chief records a multi-worker run
     )
-    with _runtime(cfg) as (strategy, precision), opened as run:
+    with _runtime(cfg) as (strategy, precision):
+        # Data and model first: bad input fails on one line before a run is opened.
         data = _datasets(cfg, work_dir, strategy.num_replicas_in_sync)
         with strategy.scope():
             model = _model(cfg, data)
-        if run is not None:
-            if not opened.resumed:
-                run.log_params(_resolved_params(cfg, model, precision, strategy.num_replicas_in_sync))
-            _write_text(work_dir / "config.yaml", tracking.masked_yaml(cfg))
-            _write_text(work_dir / "model_summary.txt", _summary_text(model))
-        on_epoch = tracking.live_sync(work_dir, run.client) if run is not None else None
-        started = time.perf_counter()
-        history = model.fit(
-            data["train"],
-            validation_data=data["validation"],
-            epochs=int(cfg.trainer.epochs),
-            steps_per_epoch=data["train_steps"],
-            validation_steps=data["validation_steps"],
-            callbacks=_callbacks(cfg, data, work_dir, on_epoch),
-            shuffle=False,  # make_dataset shuffles with the run's seed
-            verbose=1 if sys.stdout.isatty() else 2,
-        )
-        train_time = time.perf_counter() - started
-        _check_finite(cfg, history)
-        summary = _save_results(cfg, arch, model, work_dir, train_time, run, data["train_steps"])
+        with opened as run:
+            if run is not None:
+                if not opened.resumed:
+                    run.log_params(_resolved_params(cfg, model, precision, strategy.num_replicas_in_sync))
+                _write_text(work_dir / "config.yaml", tracking.masked_yaml(cfg))
+                _write_text(work_dir / "model_summary.txt", _summary_text(model))
+            on_epoch = tracking.live_sync(work_dir, run.client) if run is not None else None
+            started = time.perf_counter()
+            history = model.fit(
+                data["train"],
+                validation_data=data["validation"],
+                epochs=int(cfg.trainer.epochs),
+                steps_per_epoch=data["train_steps"],
+                validation_steps=data["validation_steps"],
+                callbacks=_callbacks(cfg, data, work_dir, on_epoch),
+                shuffle=False,  # make_dataset shuffles with the run's seed
+                verbose=1 if sys.stdout.isatty() else 2,
+            )
+            train_time = time.perf_counter() - started
+            _check_finite(cfg, history)
+            summary = _save_results(cfg, arch, model, work_dir, train_time, run, data["train_steps"])
     if results_dir is not None and is_chief():
         _publish_results(work_dir, results_dir)
     return {**summary["final"], "mlflow_run_id": summary["mlflow_run_id"]}
