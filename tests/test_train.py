@@ -97,6 +97,22 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     assert np.asarray(predictions).shape == (3, 10)
 
 
+def test_tags_land_on_the_run_and_tracking_off_records_nothing(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("tags=[baseline,'owner=alice']")
+    run = _client(cfg).get_run(train(cfg)["mlflow_run_id"])
+    assert run.data.tags["baseline"] == "true" and run.data.tags["owner"] == "alice"
+    assert run.data.tags["resnet_lab.kind"] == "train"
+
+    store = tmp_path / "off.db"
+    off = tiny_cfg(
+        f"tracking.uri=sqlite:///{store}", "tracking=off", "paths.models_dir=" + str(tmp_path / "off")
+    )
+    assert train(off)["mlflow_run_id"] is None
+    assert not store.exists()
+    assert (tmp_path / "off" / "resnet8-0" / "model.keras").is_file()
+    assert not (tmp_path / "off" / "resnet8-0" / "mlflow_run.json").exists()
+
+
 def test_validation_accuracy_in_inference_mode_is_well_above_chance(tiny_cfg):
     # Guards the BN momentum: with Keras's 0.99 the moving statistics lag on short runs and validation
     # sits at chance (10%) while training accuracy climbs.

@@ -79,8 +79,8 @@ def load_members(cfg: DictConfig) -> list[dict]:
         cfg: the composed configuration (`study`, `paths`).
 
     Returns:
-        One dict per member, models outer and seeds inner: `model`, `seed`, `summary` (summary.json),
-        `history` (history.csv as a DataFrame) and `evaluation` (`<model>-<seed>.json`).
+        One dict per member, models outer and seeds inner: `model`, `seed`, `member` (its name),
+        `summary` (summary.json), `history` (history.csv as a DataFrame) and `evaluation`.
 
     Raises:
         ConfigError: the study is empty or not testable as registered, or members have not been trained
@@ -106,6 +106,7 @@ def load_members(cfg: DictConfig) -> list[dict]:
             {
                 "model": model,
                 "seed": seed,
+                "member": member_name(member_cfg),
                 "summary": json.loads((run_path / "summary.json").read_text()),
                 "history": pd.read_csv(run_path / "history.csv"),
                 "evaluation": json.loads(evaluation_path.read_text()),
@@ -205,6 +206,8 @@ def compare(cfg: DictConfig) -> dict:
     tags = {"resnet_lab.dataset": str(cfg.data.name)}
     with open_run(cfg, "study", f"study-{cfg.data.name}", tags=tags) as run:
         result, table, paths = write_report(cfg, members)
+        if run is None:  # tracking=off
+            return result | {"mlflow_run_id": None}
         run.log_params(
             {
                 "study.models": ",".join(result["study"]["models"]),
@@ -216,7 +219,7 @@ def compare(cfg: DictConfig) -> dict:
         run.set_tags(
             {"resnet_lab.answer": result["answer"]}
             | {
-                f"resnet_lab.member.{m['model']}-{m['seed']}": str(m["summary"]["mlflow_run_id"])
+                f"resnet_lab.member.{m['member']}": str(m["summary"]["mlflow_run_id"])
                 for m in members
                 if m["summary"].get("mlflow_run_id")
             }

@@ -233,6 +233,12 @@ def context_tags() -> dict[str, str]:
     return tags
 
 
+def user_tags(cfg: DictConfig) -> dict[str, str]:
+    """The configuration's free-form `tags`: `name` -> {name: "true"}, `key=value` -> {key: value}."""
+    pairs = (str(tag).split("=", 1) for tag in cfg.get("tags") or [])
+    return {pair[0]: pair[1] if len(pair) == 2 else "true" for pair in pairs}
+
+
 class Run:
     """An open MLflow run, as the stages log to it through `MlflowClient` by explicit run id."""
 
@@ -307,9 +313,11 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         self.run: Run | None = None
         self.resumed = False
 
-    def __enter__(self) -> Run:
+    def __enter__(self) -> Run | None:
         from mlflow.tracking import MlflowClient
 
+        if not self.cfg.tracking.get("enabled", True):
+            return None  # tracking=off
         uri = tracking_uri(self.cfg)
         check_reachable(uri)
         client = MlflowClient(tracking_uri=uri)
@@ -332,6 +340,7 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
                 KIND_TAG: self.kind,
                 HOST_TAG: socket.gethostname(),
                 PID_TAG: str(os.getpid()),
+                **user_tags(self.cfg),
                 **self.tags,
             },
         )
@@ -583,7 +592,9 @@ class SweepParentRun(_HydraCallback):
         self._opened = open_run(
             config, "sweep", f"sweep {Path(sweep_dir).name}", tags={"hydra.sweep_dir": sweep_dir}
         )
-        os.environ[PARENT_RUN_ENV] = self._opened.__enter__().run_id
+        run = self._opened.__enter__()
+        if run is not None:
+            os.environ[PARENT_RUN_ENV] = run.run_id
         # A sweep that dies skips on_multirun_end; the parent must not stay RUNNING.
         atexit.register(self._end, RuntimeError("the sweep ended before its last job"))
 
