@@ -11,8 +11,5 @@ __version__ = "0.1.0"
 # (AVX512_VNNI, AVX512_BF16, AMX); on an AVX2-only CPU it uses Eigen's, and training there ran 5.1x
 # (resnet34) to 5.7x (plain18) slower (python -m resnet_lab.bench, 32 px, batch 64, memory input).
 # Read when TensorFlow is first imported, which every entry point does after this;
-# TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns them off. The benchmark's Keras reference run
-# alone (python -m resnet_lab.bench --keras-reference) gives TensorFlow back its own choice, so it needs to
-# know whether the setting is ours.
-ONEDNN_SET_BY_PACKAGE = "TF_ENABLE_ONEDNN_OPTS" not in os.environ
+# TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns them off.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
