@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,3 +45,34 @@ def staged_files(target_dir: str | os.PathLike) -> Iterator[Path]:
             os.replace(item, target_dir / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def replace_directory(prepared_dir: Path, files: dict[str, bytes]) -> None:
+    """Write `files` (name -> content) into a new directory beside `prepared_dir`, then swap it in whole.
+
+    The previous directory is moved aside before the rename and removed only after it, so a failure at
+    any point leaves either the old directory or the new one, complete.
+    """
+    parent = prepared_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = parent / f".{prepared_dir.name}.new-{token}"
+    stale = parent / f".{prepared_dir.name}.old-{token}"
+    staging.mkdir()
+    try:
+        for name, content in files.items():
+            (staging / name).write_bytes(content)
+        had_previous = prepared_dir.exists()
+        if had_previous:
+            prepared_dir.rename(stale)
+        try:
+            staging.rename(prepared_dir)
+        except OSError:
+            if had_previous:
+                stale.rename(prepared_dir)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if had_previous:
+        shutil.rmtree(stale, ignore_errors=True)

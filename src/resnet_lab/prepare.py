@@ -33,10 +33,8 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import threading
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -63,6 +61,7 @@ from resnet_lab.data import (
     read_split,
 )
 from resnet_lab.errors import ConfigError, DataError, cli
+from resnet_lab.files import replace_directory
 
 OFFLINE_DATASET = "digits"
 # TFDS retries an unreachable host for minutes (10 retries with backoff); one probe per host answers in
@@ -150,7 +149,7 @@ def prepare(cfg: DictConfig) -> dict:
         "tfds_files": _tfds_files(builder, data_dir),
     }
     files[DESCRIPTION_FILE] = (json.dumps(description, indent=2) + "\n").encode()
-    _publish(prepared_dir(cfg), files)
+    replace_directory(prepared_dir(cfg), files)
     return description
 
 
@@ -347,37 +346,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _publish(prepared_dir: Path, files: dict[str, bytes]) -> None:
-    """Write `files` into a new directory beside `prepared_dir`, then swap it in.
-
-    The previous directory is moved aside before the rename and removed only after it, so a failure at
-    any point leaves either the old directory or the new one, complete.
-    """
-    parent = prepared_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = parent / f".{prepared_dir.name}.new-{token}"
-    stale = parent / f".{prepared_dir.name}.old-{token}"
-    staging.mkdir()
-    try:
-        for name, content in files.items():
-            (staging / name).write_bytes(content)
-        had_previous = prepared_dir.exists()
-        if had_previous:
-            prepared_dir.rename(stale)
-        try:
-            staging.rename(prepared_dir)
-        except OSError:
-            if had_previous:
-                stale.rename(prepared_dir)
-            raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if had_previous:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 @cli
