@@ -204,6 +204,7 @@ def test_evaluate_stage_end_to_end_on_digits(member_cfg, tmp_path):
     artifacts = {artifact.path for artifact in client.list_artifacts(run_id, "evaluation")}
     assert artifacts == {"evaluation/resnet8-0.json", "evaluation/resnet8-0.png"}
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert "digits-test" in {i.dataset.name for i in run.inputs.dataset_inputs}
 
 
 def test_evaluate_stage_without_a_trained_model(member_cfg, tmp_path):

@@ -45,6 +45,11 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     assert params["jit_compile"] == "False"
     tags = run.data.tags
     assert tags["resnet_lab.family"] == "residual" and tags["resnet_lab.depth"] == "8"
+    inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["digits-train", "digits-validation"]
+    assert [t.value for t in inputs["digits-train"].tags] == ["train"]
+    assert json.loads(inputs["digits-train"].dataset.profile)["num_examples"] > 0
+    assert inputs["digits-train"].dataset.digest != inputs["digits-validation"].dataset.digest
     assert tags["resnet_lab.dataset"] == "digits"
 
     client = _client(cfg)

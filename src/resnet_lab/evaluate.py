@@ -25,7 +25,7 @@ from resnet_lab.config import member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.files import staged_files
 from resnet_lab.report import plot_confusion_matrix
-from resnet_lab.tracking import Run, tracking_uri
+from resnet_lab.tracking import Run, log_dataset_inputs, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ def _log_to_training_run(
             f"MLflow run {run_id!r} of {cfg.model.name} seed {cfg.seed} is not in the store {uri}: {exc}"
         ) from exc
     run = Run(client, run_id)
+    log_dataset_inputs(run, cfg, ("test",))
     run.log_metrics({key: numbers[key] for key in LOGGED_METRICS}, step=step)
     for path in files:
         run.log_artifact(path, artifact_path=ARTIFACT_DIR)

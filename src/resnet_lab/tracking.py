@@ -403,6 +403,45 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         return False
 
 
+def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> None:
+    """Log the prepared splits the run saw as MLflow dataset inputs, so the UI's Datasets column shows them.
+
+    Each is named `<dataset>-<split>`, with context the split; its source is the TFDS name and version and
+    the split's index file (none for a whole TFDS split), its digest one of `dataset.json`'s TFDS file
+    checksums and the index file's: runs on different data cannot share a digest.
+    """
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from resnet_lab.data import dataset_info
+
+    info = dataset_info(cfg)
+    files = json.dumps(info["tfds_files"], sort_keys=True)
+    inputs = []
+    for split in splits:
+        entry = info["splits"][split]
+        digest = hashlib.sha256((files + str(entry["indices_sha256"])).encode()).hexdigest()[:16]
+        source = {
+            "tfds": f"{info['name']}:{info['version']}",
+            "split": entry["source"],
+            "indices": entry["indices"],
+        }
+        dataset = Dataset(
+            name=f"{info['name']}-{split}",
+            digest=digest,
+            source_type="tfds",
+            source=json.dumps(source),
+            schema=json.dumps({"image_shape": info["image_shape"], "classes": info["class_names"]}),
+            profile=json.dumps(
+                {"num_examples": entry["num_examples"], "class_counts": entry.get("class_counts")}
+            ),
+        )
+        inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
+    run.client.log_inputs(run.run_id, datasets=inputs)
+
+
 def _end(client, run_id: str, end: dict) -> None:
     if end.get("failure"):
         client.set_tag(run_id, FAILURE_TAG, end["failure"])

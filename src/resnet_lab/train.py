@@ -205,6 +205,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             if run is not None:
                 if not opened.resumed:
                     run.log_params(_resolved_params(cfg, model, precision, strategy.num_replicas_in_sync))
+                    tracking.log_dataset_inputs(run, cfg, ("train", "validation"))
                 _write_text(work_dir / "config.yaml", tracking.masked_yaml(cfg))
                 _write_text(work_dir / "model_summary.txt", _summary_text(model))
             on_epoch = tracking.live_sync(work_dir, run.client) if run is not None else None
