@@ -512,3 +512,29 @@ def test_compare_ends_killed_a_study_run_whose_compare_was_killed(study_cfg):
 
     assert client.get_run(runs["orphan"]).info.status == "KILLED"
     assert client.get_run(runs["live"]).info.status == "RUNNING"  # another compare, still at work
+
+
+def test_the_best_residual_net_is_registered_as_champion_once(tiny_cfg, tmp_path, monkeypatch):
+    import mlflow
+
+    from resnet_lab.tracking import open_run, register_champion
+    from resnet_lab.train import train
+
+    cfg = tiny_cfg("tracking.log_model=true")
+    trained = train(cfg)
+    summary = json.loads((tmp_path / "models" / "resnet8-0" / "summary.json").read_text())
+    members = [
+        {"member": "resnet8-0", "summary": summary, "evaluation": {"test_error": 0.5}},
+        {"member": "plain8-0", "summary": {"family": "plain"}, "evaluation": {"test_error": 0.1}},
+    ]
+    for answer in ("yes", "inconclusive"):  # a rerun of the study finds the same version
+        with open_run(cfg, "study", "study-digits") as run:
+            assert register_champion(run, cfg, members, answer) == "1"
+
+    client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
+    version = client.get_model_version_by_alias("resnet-lab-digits", "champion")
+    assert version.run_id == trained["mlflow_run_id"]
+    assert version.tags["verdict"] == "inconclusive" and version.tags["member"] == "resnet8-0"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(cfg.tracking.uri))
+    model = mlflow.pyfunc.load_model("models:/resnet-lab-digits@champion")
+    assert np.asarray(model.predict(np.zeros((2, 8, 8, 1), dtype="float32"))).shape == (2, 10)

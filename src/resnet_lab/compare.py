@@ -39,7 +39,7 @@ from resnet_lab.report import (
     render_table,
     verdict,
 )
-from resnet_lab.tracking import open_run
+from resnet_lab.tracking import open_run, register_champion
 from resnet_lab.train import sigterm_as_interrupt
 
 REPORT_FILE = "degradation.md"
@@ -226,6 +226,8 @@ def compare(cfg: DictConfig) -> dict:
         )
         for path in paths:
             run.log_artifact(path, artifact_path=ARTIFACT_DIR)
+        if cfg.tracking.get("register", True):
+            register_champion(run, cfg, members, result["answer"])
     return result | {"mlflow_run_id": run.run_id}
 
 

@@ -442,6 +442,63 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> None
     run.client.log_inputs(run.run_id, datasets=inputs)
 
 
+def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer: str) -> str | None:
+    """Register the study's best residual net in the model registry and point the alias `champion` at it.
+
+    The best is the residual member with the lowest test error. Its logged model becomes a version of
+    `resnet-lab-<dataset>`, tagged with the study run, the verdict and the git commit; a rerun of the
+    same study finds that version again instead of adding one.
+
+    Args:
+        run: the study run.
+        cfg: the configuration (`data.name`).
+        members: what `compare.load_members` returns (`summary` with `family` and `mlflow_run_id`,
+            `evaluation` with `test_error`).
+        answer: the study's verdict.
+
+    Returns:
+        The version registered or found; None (with a warning) when the training run logged no model.
+    """
+    residual = [m for m in members if m["summary"].get("family") == "residual"]
+    if not residual:
+        return None
+    best = min(residual, key=lambda m: m["evaluation"]["test_error"])
+    source_run = best["summary"].get("mlflow_run_id")
+    experiment = run.client.get_run(run.run_id).info.experiment_id
+    logged = run.client.search_logged_models(
+        experiment_ids=[experiment], filter_string=f"source_run_id = '{source_run}'"
+    ) if source_run else []  # fmt: skip
+    if not logged:
+        log.warning("%s logged no model (tracking.log_model): no champion registered", best["member"])
+        return None
+    name = f"resnet-lab-{cfg.data.name}"
+    client = run.client
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    model_id = logged[0].model_id
+    versions = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == source_run]
+    if versions:
+        version = versions[0]
+    else:
+        # The registry resolves `models:/<id>` through the fluent API's store: point it at this one.
+        with _fluent_tracking_uri(client.tracking_uri):
+            version = client.create_model_version(
+                name, f"models:/{model_id}", run_id=source_run, model_id=model_id
+            )
+    tags = {"study_run": run.run_id, "verdict": answer, "member": best["member"]}
+    if commit := git_commit():
+        tags["git_commit"] = commit
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, value)
+    client.set_registered_model_alias(name, "champion", version.version)
+    return str(version.version)
+
+
 def _end(client, run_id: str, end: dict) -> None:
     if end.get("failure"):
         client.set_tag(run_id, FAILURE_TAG, end["failure"])
