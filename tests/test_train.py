@@ -272,6 +272,14 @@ def test_a_two_job_multirun_shares_one_parent_run(digits_root, tmp_path):
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
     assert sorted(r.data.tags["hydra.job_num"] for r in children) == ["0", "1"]
     assert all(r.info.status == "FINISHED" for r in children)
+    # The parent row answers "which won": the best job's metrics, each job's, and a table.
+    best = min(children, key=lambda r: r.data.metrics["val_error"])
+    assert parent.data.tags["resnet_lab.best_run_id"] == best.info.run_id
+    assert parent.data.metrics["best/val_error"] == best.data.metrics["val_error"]
+    jobs = {f"val_error/job{r.data.tags['hydra.job_num']}-{r.info.run_name}" for r in children}
+    assert jobs <= set(parent.data.metrics)
+    table = pd.read_csv(client.download_artifacts(parent.info.run_id, "sweep_summary.csv", str(tmp_path)))
+    assert sorted(table["run_id"]) == sorted(r.info.run_id for r in children)
 
 
 def test_mirrored_strategy_over_two_logical_cpus(digits_root, tmp_path):

@@ -695,6 +695,8 @@ class SweepParentRun(_HydraCallback):
         atexit.register(self._end, RuntimeError("the sweep ended before its last job"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self._opened is not None and self._opened.run is not None:
+            summarize_sweep(self._opened.run)
         self._end(None)
 
     def _end(self, error: BaseException | None) -> None:
@@ -702,6 +704,46 @@ class SweepParentRun(_HydraCallback):
             opened, self._opened = self._opened, None
             os.environ.pop(PARENT_RUN_ENV, None)
             opened.__exit__(type(error) if error else None, error, None)
+
+
+SWEEP_METRIC = "val_error"
+
+
+def summarize_sweep(parent: Run) -> None:
+    """End a sweep's parent run with the answer to "which won": the best job's metrics and a table of all.
+
+    The parent gets each child's `val_error` as `val_error/job<n>-<run name>`, the best child's final
+    metrics under `best/`, its run id and name as tags, and `sweep_summary.csv` with one row per child.
+    """
+    import pandas as pd
+
+    experiment = parent.client.get_run(parent.run_id).info.experiment_id
+    children = parent.client.search_runs(
+        [experiment], f"tags.`mlflow.parentRunId` = '{parent.run_id}'", max_results=10000
+    )
+    rows = [
+        {
+            "job": f"job{c.data.tags.get('hydra.job_num', '')}-{c.info.run_name}",
+            "run_name": c.info.run_name,
+            "run_id": c.info.run_id,
+            "status": c.info.status,
+            **c.data.metrics,
+        }  # fmt: skip
+        for c in children
+    ]
+    if not rows:
+        return
+    table = pd.DataFrame(rows).sort_values(SWEEP_METRIC if SWEEP_METRIC in rows[0] else "run_name")
+    parent.log_text(table.to_csv(index=False), "sweep_summary.csv")
+    scored = table.dropna(subset=[SWEEP_METRIC]) if SWEEP_METRIC in table else table.iloc[:0]
+    parent.log_metrics({f"{SWEEP_METRIC}/{row.job}": row[SWEEP_METRIC] for _, row in scored.iterrows()})
+    if len(scored):
+        best = scored.iloc[0]
+        metrics = {
+            k: v for k, v in best.items() if k not in ("job", "run_name", "run_id", "status") and pd.notna(v)
+        }
+        parent.log_metrics({f"best/{k}": v for k, v in metrics.items()})
+        parent.set_tags({"resnet_lab.best_run_id": best.run_id, "resnet_lab.best_run_name": best.run_name})
 
 
 @contextlib.contextmanager
