@@ -31,7 +31,10 @@ def _runs(cfg, filter_string: str = ""):
 
 
 def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, tmp_path, monkeypatch):
-    cfg = tiny_cfg("trainer.epochs=2", "trainer.grad_norm_every=1", "tracking.log_model=true")
+    cfg = tiny_cfg(
+        "trainer.epochs=2", "trainer.grad_norm_every=1", "tracking.log_model=true",
+        "tracking.system_metrics_interval_s=1",
+    )  # fmt: skip
     metrics = train(cfg)
 
     run = _client(cfg).get_run(metrics["mlflow_run_id"])
@@ -67,6 +70,8 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     errors = client.get_metric_history(run.info.run_id, "error")
     accuracies = client.get_metric_history(run.info.run_id, "accuracy")
     assert errors[-1].value == pytest.approx(1 - accuracies[-1].value)
+    system = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+    assert system <= set(run.data.metrics)
     stage_norms = {k for k in run.data.metrics if k.startswith("grad_norm/")}
     assert {"grad_norm/conv1", "grad_norm/conv2", "grad_norm/conv4", "grad_norm/predictions"} <= stage_norms
 

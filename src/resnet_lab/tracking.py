@@ -294,6 +294,8 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         tags: more tags.
         record_dir: the run directory of a training run.
         params: log `cfg` as parameters (a new run only).
+        system_metrics: sample MLflow's system metrics every `tracking.system_metrics_interval_s`
+            while the run is open (a resumed run continues their steps).
     """
 
     def __init__(
@@ -305,15 +307,31 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         tags: dict[str, str] | None = None,
         record_dir: str | os.PathLike | None = None,
         params: bool = False,
+        system_metrics: bool = False,
     ):
         self.cfg, self.kind, self.name = cfg, kind, name
         self.tags = tags or {}
         self.record_dir = Path(record_dir) if record_dir is not None else None
         self.params = params
+        self.system_metrics = system_metrics
         self.run: Run | None = None
         self.resumed = False
+        self._monitor = None
 
     def __enter__(self) -> Run | None:
+        run = self._open()
+        interval = self.cfg.tracking.get("system_metrics_interval_s")
+        if run is not None and self.system_metrics and interval:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                run.run_id, sampling_interval=interval, resume_logging=self.resumed,
+                tracking_uri=run.client.tracking_uri,
+            )  # fmt: skip
+            self._monitor.start()
+        return run
+
+    def _open(self) -> Run | None:
         from mlflow.tracking import MlflowClient
 
         if not self.cfg.tracking.get("enabled", True):
@@ -379,6 +397,8 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.run is None:
             return False
+        if self._monitor is not None:
+            self._monitor.finish()
         end = {"status": "FINISHED", "end_time": int(time.time() * 1000)}
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
             end["status"] = "KILLED"

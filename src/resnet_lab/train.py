@@ -192,7 +192,9 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
         "resnet_lab.model": cfg.model.name,
     }
     opened = (
-        tracking.open_run(cfg, "train", member_name(cfg), tags=tags, record_dir=work_dir, params=True)
+        tracking.open_run(
+            cfg, "train", member_name(cfg), tags=tags, record_dir=work_dir, params=True, system_metrics=True
+        )
         if is_chief()
         else contextlib.nullcontext()  # the chief records a multi-worker run
     )
