@@ -287,6 +287,23 @@ def test_a_two_job_multirun_shares_one_parent_run(digits_root, tmp_path):
     assert sorted(table["run_id"]) == sorted(r.info.run_id for r in children)
 
 
+def test_an_optuna_learning_rate_search_reports_its_best_trial(digits_root, tmp_path):
+    result = run_cli(
+        ["resnet_lab.train", "--multirun", "hparams_search=learning_rate", "hydra.sweeper.n_trials=2",
+         *TINY, *path_overrides(digits_root, tmp_path), f"hydra.sweep.dir={tmp_path}/sweep"],
+        tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Best parameters: {'optimizer.learning_rate':" in result.stdout + result.stderr
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("resnet-lab").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("resnet_lab.kind") == "sweep"]
+    trials = [r for r in runs if r is not parent]
+    assert len({r.data.params["optimizer.learning_rate"] for r in trials}) == 2
+    best = min(trials, key=lambda r: r.data.metrics["val_error"])
+    assert parent.data.tags["resnet_lab.best_run_id"] == best.info.run_id
+
+
 def test_mirrored_strategy_over_two_logical_cpus(digits_root, tmp_path):
     base = [
         *TINY,
