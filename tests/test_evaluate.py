@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from resnet_lab.config import compose
 from resnet_lab.errors import ConfigError
 from resnet_lab.evaluate import confusion_records, evaluate, evaluate_model, main
+from resnet_lab.tracking import _log_model_once
 
 CLASS_NAMES = ["zero", "one", "two"]
 # Each input is the one-hot of the class the model predicts; the labels disagree twice.
@@ -145,6 +146,7 @@ def member_cfg(tmp_path, monkeypatch, digits_dirs):
     shutil.copy(model_path, run_path / "model.keras")
     client = MlflowClient(tracking_uri=str(cfg.tracking.uri))
     run = client.create_run(client.create_experiment("training"), run_name="resnet8-0")
+    _log_model_once(client, run.info.run_id, model_path)
     client.set_terminated(run.info.run_id)
     summary = {
         "model": "resnet8",
@@ -205,6 +207,11 @@ def test_evaluate_stage_end_to_end_on_digits(member_cfg, tmp_path):
     assert artifacts == {"evaluation/resnet8-0.json", "evaluation/resnet8-0.png"}
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert "digits-test" in {i.dataset.name for i in run.inputs.dataset_inputs}
+    # The test numbers are the logged model's too, linked to the test dataset.
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    linked = {m.key: m for m in client.get_logged_model(logged.model_id).metrics}
+    assert linked["test_error"].value == pytest.approx(numbers["test_error"])
+    assert linked["test_error"].dataset_name == "digits-test" and "train_error" not in linked
 
 
 def test_evaluate_stage_without_a_trained_model(member_cfg, tmp_path):

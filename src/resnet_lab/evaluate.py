@@ -183,8 +183,14 @@ def _log_to_training_run(
             f"MLflow run {run_id!r} of {cfg.model.name} seed {cfg.seed} is not in the store {uri}: {exc}"
         ) from exc
     run = Run(client, run_id)
-    log_dataset_inputs(run, cfg, ("test",))
-    run.log_metrics({key: numbers[key] for key in LOGGED_METRICS}, step=step)
+    test = log_dataset_inputs(run, cfg, ("test",))["test"]
+    # MLflow 3's logged models: the test numbers belong to the model and the test dataset as well.
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    model_id = logged[0].model_id if logged else None
+    run.log_metrics({key: numbers[key] for key in LOGGED_METRICS if not key.startswith("test_")}, step=step)
+    test_numbers = {key: numbers[key] for key in LOGGED_METRICS if key.startswith("test_")}
+    run.log_metrics(test_numbers, step=step, model_id=model_id, dataset=test)
     for path in files:
         run.log_artifact(path, artifact_path=ARTIFACT_DIR)
 

@@ -253,11 +253,15 @@ class Run:
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self.client.log_batch(self.run_id, params=items[start : start + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, *, model_id=None, dataset=None) -> None:
+        """Log at `step`; with `model_id` and `dataset` (an `mlflow.entities.Dataset`), linked to both."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        link = {"model_id": model_id}
+        if dataset is not None:
+            link.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
+        items = [Metric(key, float(value), now, step, **link) for key, value in metrics.items()]
         for start in range(0, len(items), 1000):  # MLflow's batch limit
             self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
 
@@ -423,12 +427,15 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         return False
 
 
-def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> None:
+def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict:
     """Log the prepared splits the run saw as MLflow dataset inputs, so the UI's Datasets column shows them.
 
     Each is named `<dataset>-<split>`, with context the split; its source is the TFDS name and version and
     the split's index file (none for a whole TFDS split), its digest one of `dataset.json`'s TFDS file
     checksums and the index file's: runs on different data cannot share a digest.
+
+    Returns:
+        split -> the `mlflow.entities.Dataset` logged.
     """
     import hashlib
 
@@ -460,6 +467,7 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> None
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
     run.client.log_inputs(run.run_id, datasets=inputs)
+    return {split: i.dataset for split, i in zip(splits, inputs, strict=True)}
 
 
 def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer: str) -> str | None:
