@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from resnet_lab.errors import ConfigError
+from resnet_lab.schema import config_error, typed
 
 PARAMS_FILE = "params.yaml"
 
@@ -27,32 +29,40 @@ def conf_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose(overrides: Sequence[str] = ()) -> DictConfig:
+def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
     """Compose `conf/config.yaml` with Hydra overrides, outside any Hydra app (tests, notebooks).
 
     Args:
         overrides: Hydra override strings, e.g. ``["model=plain34", "trainer.epochs=2"]``.
+        return_hydra_config: keep Hydra's own `hydra` node (run and sweep directories, launcher).
 
     Returns:
-        The composed configuration, without Hydra's own `hydra` node.
+        The composed configuration.
+
+    Raises:
+        ConfigError: an override Hydra cannot apply, or a value of the wrong type.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            return hydra_compose("config", list(overrides), return_hydra_config=return_hydra_config)
+    except HydraException as exc:
+        raise config_error(exc) from None
     finally:
         GlobalHydra.instance().clear()
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> DictConfig:
-    """Load the configuration DVC composed into `params.yaml`.
+    """Load the configuration DVC composed into `params.yaml`, typed by the schema `conf/` has.
 
     Raises:
-        ConfigError: the file is missing or is not a mapping.
+        ConfigError: the file is missing, is not a mapping, lacks a key, or has a key the schema lacks or a
+            value of the wrong type.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,6 +70,9 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> DictConfig:
     cfg = OmegaConf.load(path)
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path} must hold a mapping, got {type(cfg).__name__}")
+    cfg = typed(cfg)
+    if missing := sorted(OmegaConf.missing_keys(cfg)):
+        raise ConfigError(f"{path} has no value for {', '.join(missing)}")
     return cfg
 
 
@@ -89,7 +102,10 @@ def stage_config(argv: Sequence[str] | None = None, *, description: str = "") ->
             raise ConfigError(f"override {item!r} is not KEY=VALUE")
         if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
             raise ConfigError(f"override {item!r}: {args.params} has no key {key!r}")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.overrides)))
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.overrides)))
+    except OmegaConfBaseException as exc:
+        raise config_error(exc) from None
 
 
 _ABSENT = object()
