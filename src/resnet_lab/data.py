@@ -66,18 +66,6 @@ class DataSpec:
         return count // batch_size if training else math.ceil(count / batch_size)
 
 
-def image_size(cfg: DictConfig) -> int:
-    """`data.image_size`, checked.
-
-    Raises:
-        ConfigError: it is not a positive integer.
-    """
-    size = cfg.data.image_size
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ConfigError(f"data.image_size must be a positive integer, got {size!r}")
-    return size
-
-
 def read_split(builder: tfds.core.DatasetBuilder, split: str, *, decoders=None) -> tf.data.Dataset:
     """A TFDS split as example dicts, in the on-disk order that split indices refer to.
 
@@ -230,7 +218,7 @@ def data_spec(cfg: DictConfig, info: dict | None = None) -> DataSpec:
         info: `dataset_info(cfg)`, when the caller already has it.
     """
     info = dataset_info(cfg) if info is None else info
-    size = image_size(cfg)
+    size = cfg.data.image_size
     channels = info["image_shape"][-1]
     return DataSpec(
         name=info["name"],
@@ -249,7 +237,7 @@ def make_dataset(split: str, cfg: DictConfig, training: bool) -> tf.data.Dataset
 
     Args:
         split: "train", "validation" or "test".
-        cfg: the composed configuration (`data`, `paths`, `seed`, `trainer.batch_size`, the global batch).
+        cfg: the configuration, validated (`data`, `paths`, `seed`, `trainer.batch_size`, the global batch).
         training: shuffle and augment.
 
     Returns:
@@ -257,18 +245,12 @@ def make_dataset(split: str, cfg: DictConfig, training: bool) -> tf.data.Dataset
         (batch,) int64.
 
     Raises:
-        ConfigError: an unknown split or a bad `data.image_size`, `data.pad_crop` or batch size.
+        ConfigError: an unknown split.
         DataError: the prepared description or the TFDS data it refers to cannot be trusted.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
-    size = image_size(cfg)
-    pad = cfg.data.pad_crop
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
-        raise ConfigError(f"data.pad_crop must be a non-negative integer, got {pad!r}")
-    batch_size = cfg.trainer.batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ConfigError(f"trainer.batch_size must be a positive integer, got {batch_size!r}")
+    size, pad, batch_size = cfg.data.image_size, cfg.data.pad_crop, cfg.trainer.batch_size
 
     info = dataset_info(cfg)
     entry = info["splits"][split]

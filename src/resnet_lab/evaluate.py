@@ -25,6 +25,7 @@ from resnet_lab.config import member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.files import staged_files
 from resnet_lab.report import plot_confusion_matrix
+from resnet_lab.schema import validate
 from resnet_lab.tracking import Run, log_dataset_inputs, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -292,13 +293,15 @@ def study_members(cfg: DictConfig) -> list[DictConfig]:
 def evaluate_study(cfg: DictConfig) -> dict[str, dict]:
     """`evaluate` every study member in this one process (TensorFlow starts once, not once a member).
 
-    Every member is checked to be trained before any is evaluated, so a missing one costs one line.
+    The configuration is validated, and every member checked to be trained, before any is evaluated, so
+    bad input or a missing member costs one line.
 
     Returns:
         member name -> what `evaluate` returned.
     """
     from tqdm import tqdm
 
+    validate(cfg)
     members = study_members(cfg)
     for member_cfg in members:
         _trained_member(member_cfg)

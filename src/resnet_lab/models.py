@@ -16,6 +16,7 @@ from typing import Literal
 
 import keras
 from keras import layers
+from omegaconf import OmegaConf
 
 from resnet_lab.errors import cli
 
@@ -297,18 +298,10 @@ def build_model(
 
 
 def build_from_config(model_cfg, num_classes: int, input_shape, weight_decay: float = 0.0) -> keras.Model:
-    """Build from the `model` node of the configuration (conf/model/*.yaml)."""
-    return build_model(
-        model_cfg.name,
-        num_classes,
-        tuple(int(d) for d in input_shape),
-        stem=model_cfg.get("stem"),
-        shortcut=model_cfg.get("shortcut"),
-        zero_init_residual=bool(model_cfg.get("zero_init_residual", False)),
-        bn_momentum=float(model_cfg.get("bn_momentum", 0.9)),
-        weight_decay=weight_decay,
-        width=model_cfg.get("width"),
-    )
+    """Build from the `model` node of the configuration, whose keys are `build_model`'s (schema.Model)."""
+    options = OmegaConf.to_container(model_cfg)
+    shape = tuple(int(d) for d in input_shape)
+    return build_model(options.pop("name"), num_classes, shape, weight_decay=weight_decay, **options)
 
 
 def count_params(model: keras.Model) -> int:

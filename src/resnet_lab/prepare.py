@@ -52,16 +52,15 @@ from resnet_lab.config import stage_config
 from resnet_lab.data import (
     DESCRIPTION_FILE,
     FORMAT_VERSION,
-    check_dataset_name,
     dataset_info,
     description_path,
     file_sha256,
-    image_size,
     prepared_dir,
     read_split,
 )
 from resnet_lab.errors import ConfigError, DataError, cli
 from resnet_lab.files import replace_directory
+from resnet_lab.schema import validate
 
 OFFLINE_DATASET = "digits"
 # TFDS retries an unreachable host for minutes (10 retries with backoff); one probe per host answers in
@@ -80,17 +79,12 @@ def prepare(cfg: DictConfig) -> dict:
         The description written to `dataset.json` (see the module docstring).
 
     Raises:
-        ConfigError: an unknown dataset, one without image and label features, or a bad
-            `data.validation_fraction`, `data.image_size` or `data.split_seed`; checked before any work.
+        ConfigError: a configuration `resnet_lab.schema.validate` refuses, or a dataset without image and
+            label features; checked before any work.
         DataError: the download failed, or the data cannot be split.
     """
-    name = cfg.data.name
-    fraction = _validation_fraction(cfg)
-    image_size(cfg)
-    seed = cfg.data.split_seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"data.split_seed must be an integer in [0, 2**32), got {seed!r}")
-    check_dataset_name(name)
+    validate(cfg)
+    name, fraction, seed = cfg.data.name, cfg.data.validation_fraction, cfg.data.split_seed
     data_dir = Path(cfg.paths.data_dir)
     # Under downloads/, which is not a DVC output: a rerun of the prepare stage leaves it alone.
     manual_dir = Path(cfg.data.manual_dir) if cfg.data.manual_dir else data_dir / "downloads" / "manual"
@@ -173,10 +167,8 @@ def ensure_prepared(cfg: DictConfig) -> dict:
         if not description_path(cfg).is_file():
             return None
         info = dataset_info(cfg)
-        same_split = info["seed"] == cfg.data.split_seed and info["validation_fraction"] == float(
-            cfg.data.validation_fraction
-        )
-        return info if same_split else None
+        split = (info["seed"], info["validation_fraction"])
+        return info if split == (cfg.data.split_seed, cfg.data.validation_fraction) else None
 
     if (info := current()) is not None:
         return info
@@ -184,13 +176,6 @@ def ensure_prepared(cfg: DictConfig) -> dict:
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(lock_dir / ".prepare.lock"):
         return current() or prepare(cfg)
-
-
-def _validation_fraction(cfg: DictConfig) -> float:
-    fraction = cfg.data.validation_fraction
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
-        raise ConfigError(f"data.validation_fraction must be a number in (0, 1), got {fraction!r}")
-    return float(fraction)
 
 
 def _check_features(builder: tfds.core.DatasetBuilder) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import keras
 from omegaconf import DictConfig
 
-from resnet_lab.errors import ConfigError
-
 
 @keras.saving.register_keras_serializable(package="resnet_lab")
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
@@ -63,7 +61,7 @@ def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: i
     """A Keras learning-rate schedule over the whole run.
 
     Args:
-        schedule: the `schedule` node: `name` in step | cosine | constant, and `warmup_epochs`.
+        schedule: the `schedule` node, validated: `name` (step | cosine | constant) and the warm-up.
             step: multiply by `factor` at each of `milestones` (fractions of training; the paper divides
             by 10 at 50% and 75%, He et al. 2015, Sec. 4.2). cosine: decay to `alpha` x the initial rate.
         learning_rate: the peak rate, for the global batch.
@@ -74,45 +72,28 @@ def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: i
         A `keras.optimizers.schedules.LearningRateSchedule`, or a float for an unwarmed constant rate.
     """
     total_steps = steps_per_epoch * epochs
-    warmup_steps = int(round(schedule.get("warmup_epochs", 0) * steps_per_epoch))
-    warmup_factor = schedule.get("warmup_factor")
-    if warmup_factor is not None:
-        if (
-            isinstance(warmup_factor, bool)
-            or not isinstance(warmup_factor, (int, float))
-            or not 0 < warmup_factor <= 1
-        ):
-            raise ConfigError(f"schedule.warmup_factor must be in (0, 1] or null, got {warmup_factor!r}")
-        if schedule.name == "cosine":
-            raise ConfigError("schedule.warmup_factor: the cosine schedule warms up linearly; leave it null")
+    warmup_steps = int(round(schedule.warmup_epochs * steps_per_epoch))
     if schedule.name == "cosine":
         return keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0 if warmup_steps else learning_rate,
             decay_steps=max(total_steps - warmup_steps, 1),
-            alpha=float(schedule.get("alpha", 0.0)),
+            alpha=float(schedule.alpha),
             warmup_target=learning_rate if warmup_steps else None,
             warmup_steps=warmup_steps,
         )
     if schedule.name == "step":
-        milestones = list(schedule.milestones)
-        if any(not 0 < m < 1 for m in milestones) or milestones != sorted(milestones):
-            raise ConfigError(f"schedule.milestones must be increasing fractions in (0, 1), got {milestones}")
         after = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries=[int(m * total_steps) for m in milestones],
-            values=[learning_rate * schedule.factor**i for i in range(len(milestones) + 1)],
+            boundaries=[int(m * total_steps) for m in schedule.milestones],
+            values=[learning_rate * schedule.factor**i for i in range(len(schedule.milestones) + 1)],
         )
-    elif schedule.name == "constant":
+    else:
         if not warmup_steps:
             return learning_rate
         after = keras.optimizers.schedules.PiecewiseConstantDecay(
             [total_steps], [learning_rate, learning_rate]
         )
-    else:
-        raise ConfigError(
-            f"unknown schedule.name {schedule.name!r}; choose one of ['constant', 'cosine', 'step']"
-        )
     if not warmup_steps:
         return after
-    if warmup_factor is not None:
-        return ConstantWarmup(after, warmup_steps, float(warmup_factor))
+    if schedule.warmup_factor is not None:
+        return ConstantWarmup(after, warmup_steps, float(schedule.warmup_factor))
     return LinearWarmup(after, warmup_steps)

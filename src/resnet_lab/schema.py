@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode
 
 from resnet_lab.errors import ConfigError
+from resnet_lab.runtime import DISTRIBUTIONS, PRECISIONS
 
 
 def _check(requirement: str, holds: Callable[[Any], bool]) -> Any:
@@ -103,9 +104,9 @@ class Trainer:
     batch_size: int = _positive()
     steps_per_epoch: int | None = _positive_or_null()
     validation_steps: int | None = _positive_or_null()
-    precision: str = _one_of("float32", "mixed_float16", "mixed_bfloat16", "auto")
+    precision: str = _one_of(*PRECISIONS, "auto")
     jit_compile: Any = _one_of(True, False, "auto")  # OmegaConf 2.3 has no unions
-    distribution: str = _one_of("auto", "one_device", "mirrored", "multi_worker")
+    distribution: str = _one_of(*DISTRIBUTIONS)
     logical_cpus: int | None = _positive_or_null()
     deterministic: bool
     label_smoothing: float = _below_one()

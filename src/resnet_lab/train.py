@@ -24,82 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab.config import checkpoint_dir, member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
-from resnet_lab.runtime import (
-    DISTRIBUTIONS,
-    PRECISIONS,
-    is_chief,
-    make_strategy,
-    resolve_jit_compile,
-    resolve_precision,
-    worker_task,
-)
-
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("step", "cosine", "constant")
+from resnet_lab.runtime import is_chief, make_strategy, resolve_jit_compile, resolve_precision, worker_task
+from resnet_lab.schema import config_error, validate
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def validate(cfg: DictConfig) -> None:
-    """Reject a configuration that cannot train, before any work, with one line naming the bad value."""
-    from resnet_lab.data import check_dataset_name
-    from resnet_lab.models import get_arch
-
-    get_arch(cfg.model.name)
-    check_dataset_name(cfg.data.name)
-    trainer = cfg.trainer
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2**32:
-        raise ConfigError(f"seed must be an integer in [0, 2**32), got {cfg.seed!r}")
-    for key in ("epochs", "batch_size"):
-        _integer(f"trainer.{key}", trainer[key], minimum=1)
-    for key in ("steps_per_epoch", "validation_steps", "logical_cpus"):
-        _integer(f"trainer.{key}", trainer.get(key), minimum=1, optional=True)
-    _integer("trainer.grad_norm_every", trainer.grad_norm_every, minimum=0)
-    _integer("model.width", cfg.model.get("width"), minimum=1, optional=True)
-    _integer(
-        "optimizer.reference_batch_size", cfg.optimizer.get("reference_batch_size"), minimum=1, optional=True
-    )
-    for key in ("deterministic", "checkpoint"):
-        _flag(f"trainer.{key}", trainer[key])
-    for key in ("cache", "horizontal_flip"):
-        _flag(f"data.{key}", cfg.data[key])
-    _choice("trainer.precision", trainer.precision, (*PRECISIONS, "auto"))
-    _choice("trainer.jit_compile", trainer.jit_compile, (True, False, "auto"))
-    _choice("trainer.distribution", trainer.distribution, DISTRIBUTIONS)
-    _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
-    _choice("schedule.name", cfg.schedule.name, SCHEDULES)
-    _number("optimizer.learning_rate", cfg.optimizer.learning_rate, "positive", lambda v: v > 0)
-    _number("optimizer.weight_decay", cfg.optimizer.weight_decay, ">= 0", lambda v: v >= 0)
-    if cfg.optimizer.name == "sgd":
-        _number("optimizer.momentum", cfg.optimizer.momentum, "in [0, 1)", lambda v: 0 <= v < 1)
-    _number("model.bn_momentum", cfg.model.get("bn_momentum", 0.9), "in [0, 1)", lambda v: 0 <= v < 1)
-    _number("trainer.label_smoothing", trainer.label_smoothing, "in [0, 1)", lambda v: 0 <= v < 1)
-    _number(
-        "schedule.warmup_epochs", cfg.schedule.warmup_epochs, f"in [0, trainer.epochs={trainer.epochs})",
-        lambda v: 0 <= v < trainer.epochs,
-    )  # fmt: skip
-    if cfg.schedule.name == "step":
-        _number("schedule.factor", cfg.schedule.factor, "in (0, 1]", lambda v: 0 < v <= 1)
-
-
-def _integer(key: str, value, *, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{key} must be {kind}{' or null' if optional else ''}, got {value!r}")
-
-
-def _number(key: str, value, requirement: str, holds) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not holds(value):
-        raise ConfigError(f"{key} must be {requirement}, got {value!r}")
-
-
-def _flag(key: str, value) -> None:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
 
 
 def check_output_dir(path: Path, what: str) -> None:
@@ -111,16 +41,11 @@ def check_output_dir(path: Path, what: str) -> None:
             return
 
 
-def _choice(key: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {key} {value!r}; choose one of {list(choices)}")
-
-
 def effective_learning_rate(cfg: DictConfig) -> float:
     """The peak learning rate for the global batch: `optimizer.learning_rate`, scaled linearly from
     `optimizer.reference_batch_size` to `trainer.batch_size` when that is set (Goyal et al. 2017)."""
     rate = float(cfg.optimizer.learning_rate)
-    reference = cfg.optimizer.get("reference_batch_size")
+    reference = cfg.optimizer.reference_batch_size
     return rate * int(cfg.trainer.batch_size) / int(reference) if reference else rate
 
 
@@ -523,47 +448,38 @@ def check_command_line(argv: list[str]) -> None:
 
     Hydra reports an unknown key or group option on several lines with exit status 1, and an unusable
     output directory with a traceback. A sweep over a config group (model=resnet34,plain34) has each
-    option checked; other sweeps are checked with their first value, since `validate` checks values.
+    option checked; other sweeps their first value, the others being checked in their jobs.
 
     Raises:
         ConfigError: an override Hydra cannot apply, or a run or sweep directory under a file.
     """
-    from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
-    from resnet_lab.config import conf_dir
+    from resnet_lab.config import compose, conf_dir
 
     args = get_args_parser().parse_args(argv)
     if args.config_path or args.config_name or args.config_dir:
         return  # another primary config: left to Hydra
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            overrides = OverridesParser.create().parse_overrides(args.overrides)
-            first = [
-                f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
-                if o.is_sweep_override()
-                else o.input_line
-                for o in overrides
-            ]
-            cfg = compose("config", overrides=first, return_hydra_config=True)
-            for index, override in enumerate(overrides):
-                group = override.key_or_group
-                if override.is_sweep_override() and ("/" in group or (conf_dir() / group).is_dir()):
-                    for value in override.sweep_string_iterator():
-                        choice = f"{override.get_key_element()}={value}"
-                        compose("config", overrides=[*first[:index], choice, *first[index + 1 :]])
-            key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
-            check_output_dir(Path(OmegaConf.select(cfg, key)), key)
-    except (HydraException, OmegaConfBaseException) as exc:
-        # Hydra appends where it looked for configs: noise for a typo.
-        raise ConfigError(" ".join(str(exc).split()).split(" Config search path:")[0]) from None
-    finally:
-        GlobalHydra.instance().clear()
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException as exc:
+        raise config_error(exc) from None
+    first = [
+        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+        if o.is_sweep_override()
+        else o.input_line
+        for o in overrides
+    ]
+    cfg = compose(first, return_hydra_config=True)
+    for index, override in enumerate(overrides):
+        group = override.key_or_group
+        if override.is_sweep_override() and ("/" in group or (conf_dir() / group).is_dir()):
+            for value in override.sweep_string_iterator():
+                compose([*first[:index], f"{override.get_key_element()}={value}", *first[index + 1 :]])
+    key = "hydra.sweep.dir" if args.multirun else "hydra.run.dir"
+    check_output_dir(Path(OmegaConf.select(cfg, key)), key)
 
 
 def main() -> None:
