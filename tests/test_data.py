@@ -311,9 +311,10 @@ def test_prepare_stage_cli_reports_the_offline_failure_in_seconds(tmp_path, refu
     OmegaConf.save(make_cfg(tmp_path, f"data.manual_dir={manual_dir}", data="cifar10"), params)
 
     started = time.monotonic()
-    result = run_cli(["resnet_lab.prepare", "--params", params], tmp_path, timeout=60)
+    result = run_cli(["resnet_lab.prepare", "--params", params], tmp_path, timeout=240)
 
-    assert time.monotonic() - started < 30
+    # TFDS's own retries would take minutes; a shared 2-core machine takes up to half a minute to start.
+    assert time.monotonic() - started < 90
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
