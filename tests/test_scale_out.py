@@ -100,7 +100,7 @@ def test_no_tag_or_artifact_holds_a_tracking_password(server_sweep, tmp_path):
     assert SECRET not in Path(config).read_text()
 
 
-# What RunTracker does to a store, as fast as it can: a run, its parameters, a metric batch per
+# What a training run does to a store, as fast as it can: a run, its parameters, a metric batch per
 # "epoch", its end. Four of these at once on one SQLite file is harsher than a sweep of real jobs.
 _HAMMER = """
 import sys
