@@ -104,7 +104,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     import keras
 
     from resnet_lab import tracking
-    from resnet_lab.models import get_arch
+    from resnet_lab.models import count_macs, count_params, get_arch
 
     validate(cfg)
     work_dir, results_dir = _run_dirs(cfg, output_dir)
@@ -128,10 +128,13 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
         data = _datasets(cfg, work_dir, strategy.num_replicas_in_sync)
         with strategy.scope():
             model = _model(cfg, data)
+        size = (count_params(model), count_macs(model))
         with opened as run:
             if run is not None:
                 if not opened.resumed:
-                    run.log_params(_resolved_params(cfg, model, precision, strategy.num_replicas_in_sync))
+                    run.log_params(
+                        _resolved_params(cfg, model, size, precision, strategy.num_replicas_in_sync)
+                    )
                     tracking.log_dataset_inputs(run, cfg, ("train", "validation"))
                 _write_text(work_dir / "config.yaml", tracking.masked_yaml(cfg))
                 _write_text(work_dir / "model_summary.txt", _summary_text(model))
@@ -149,7 +152,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
             )
             train_time = time.perf_counter() - started
             _check_finite(cfg, history)
-            summary = _save_results(cfg, arch, model, work_dir, train_time, run, data["train_steps"])
+            summary = _save_results(cfg, arch, model, size, work_dir, train_time, run, data["train_steps"])
     if results_dir is not None and is_chief():
         _publish_results(work_dir, results_dir)
     return {**summary["final"], "mlflow_run_id": summary["mlflow_run_id"]}
@@ -234,13 +237,12 @@ def _model(cfg: DictConfig, data: dict):
     return model
 
 
-def _resolved_params(cfg: DictConfig, model, precision: str, replicas: int) -> dict:
-    """What the model measures and what the `auto` settings resolved to on this machine."""
-    from resnet_lab.models import count_macs, count_params
-
+def _resolved_params(cfg: DictConfig, model, size: tuple[int, int], precision: str, replicas: int) -> dict:
+    """What the model measures (`size`: parameters, MACs per image) and what the `auto` settings resolved
+    to on this machine."""
     return {
-        "model.trainable_params": count_params(model),
-        "model.macs_per_image": count_macs(model),
+        "model.trainable_params": size[0],
+        "model.macs_per_image": size[1],
         "replicas": replicas,
         "precision_policy": precision,
         "optimizer.effective_learning_rate": effective_learning_rate(cfg),
@@ -277,14 +279,14 @@ def _check_finite(cfg: DictConfig, history) -> None:
         )
 
 
-def _save_results(cfg: DictConfig, arch, model, work_dir: Path, train_time: float, run, steps: int) -> dict:
+def _save_results(
+    cfg: DictConfig, arch, model, size, work_dir: Path, train_time: float, run, steps: int
+) -> dict:
     """The model, the learning curve and `summary.json` in the run directory (MLflow gets them by sync)."""
-    from resnet_lab.models import count_macs, count_params
-
     model.save(work_dir / "model.keras")
     _plot_learning_curve(work_dir / "history.csv", work_dir / "learning_curve.png", cfg.model.name)
     run_id = run.run_id if run is not None else None
-    summary = _summary(cfg, arch, count_params(model), count_macs(model), work_dir, train_time, run_id)
+    summary = _summary(cfg, arch, *size, work_dir, train_time, run_id)
     summary["steps"] = int(steps) * int(cfg.trainer.epochs)
     _write_json(work_dir / "summary.json", summary)
     return summary
