@@ -134,6 +134,7 @@ def study_design(cfg: DictConfig, members: Sequence[dict]) -> dict:
         "steps": f"{steps.pop():,}" if len(steps) == 1 and None not in steps else "unequal or unrecorded",
         "alpha": float(cfg.study.alpha),
         "margin": float(cfg.study.margin),
+        "test": str(cfg.study.test),
         "convergence": plain(cfg.study.convergence),
         "params": {m["model"]: int(m["summary"]["params"]) for m in members},
     }
@@ -165,7 +166,13 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
     train_errors = {model: [] for model in models}
     for member in members:
         train_errors[member["model"]].append(float(member["evaluation"]["train_error"]))
-    result = verdict(train_errors, _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin))
+    result = verdict(
+        train_errors,
+        _claims(cfg),
+        alpha=float(cfg.study.alpha),
+        margin=float(cfg.study.margin),
+        test=str(cfg.study.test),
+    )
     result["study"] = {"dataset": str(cfg.data.name), "models": models, "seeds": seeds}
 
     curves = curves_frame({(member["model"], member["seed"]): member["history"] for member in members})

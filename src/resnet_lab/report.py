@@ -8,6 +8,7 @@ computed here from the numbers it is given; nothing is a conclusion written in a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -129,39 +130,109 @@ def welch(subject: Sequence[float], reference: Sequence[float]) -> tuple[float, 
     return float(subject.mean() - reference.mean()), se, df
 
 
-def decide_claim(
-    claim: Mapping, errors: Mapping[str, Sequence[float]], *, alpha: float, margin: float
-) -> dict:
-    """One pre-registered claim, decided by a one-sided Welch test over seeds.
+@functools.cache
+def _u_counts(n_subject: int, n_reference: int) -> np.ndarray:
+    """How many of the orderings of two tie-free samples give each Mann-Whitney U, 0 to n_s * n_r."""
+    if not n_subject or not n_reference:
+        return np.ones(1)
+    largest_in_subject = _u_counts(n_subject - 1, n_reference)  # it is above all n_reference: U += n_r
+    largest_in_reference = _u_counts(n_subject, n_reference - 1)
+    counts = np.zeros(n_subject * n_reference + 1)
+    counts[n_reference : n_reference + largest_in_subject.size] += largest_in_subject
+    counts[: largest_in_reference.size] += largest_in_reference
+    return counts
 
-    With d = mean(subject) - mean(reference):
+
+def _rank_order(n_subject: int, n_reference: int, level: float) -> int:
+    """How many of the sorted pairwise differences lie below Moses's one-sided bound at `level`."""
+    counts = _u_counts(n_subject, n_reference)
+    return int(np.sum(np.cumsum(counts) / counts.sum() <= level))
+
+
+def smallest_p(test: str, n_subject: int, n_reference: int) -> float:
+    """The smallest one-sided p-value `test` can reach with these numbers of seeds (0 for Welch)."""
+    return 1 / math.comb(n_subject + n_reference, n_subject) if test == "rank" else 0.0
+
+
+def _welch_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, threshold: float, side: str):
+    from scipy import stats
+
+    difference, se, df = welch(subject, reference)
+    if se == 0:  # no spread at all: the difference decides
+        holds = difference > threshold if side == "greater" else difference < threshold
+        return difference, (difference, difference), (difference, difference), 0.0 if holds else 1.0
+    half_width, one_sided = stats.t.ppf(0.975, df) * se, stats.t.ppf(1 - alpha, df) * se
+    z = (difference - threshold) / se
+    p_value = float(stats.t.sf(z, df) if side == "greater" else stats.t.cdf(z, df))
+    return (
+        difference,
+        (difference - half_width, difference + half_width),
+        (difference - one_sided, difference + one_sided),
+        p_value,
+    )
+
+
+def _rank_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, threshold: float, side: str):
+    """Mann-Whitney U, with the Hodges-Lehmann shift and Moses's distribution-free bounds on it."""
+    from scipy import stats
+
+    # Exact over every split of the seeds up to 100,000 of them (ties included), a fixed sample beyond.
+    exact = stats.PermutationMethod(n_resamples=100_000, rng=0)
+    p_value = stats.mannwhitneyu(subject - threshold, reference, alternative=side, method=exact).pvalue
+    differences = np.sort(np.subtract.outer(subject, reference).ravel())
+
+    def bounds(level: float) -> tuple[float, float]:
+        k = _rank_order(subject.size, reference.size, level)
+        return (differences[k - 1], differences[-k]) if k else (-math.inf, math.inf)
+
+    return float(np.median(differences)), bounds(0.025), bounds(alpha), float(p_value)
+
+
+TESTS = {
+    "welch": ("Welch", "difference of means", _welch_test),
+    "rank": ("Mann-Whitney", "Hodges-Lehmann shift", _rank_test),
+}
+
+
+def decide_claim(
+    claim: Mapping, errors: Mapping[str, Sequence[float]], *, alpha: float, margin: float, test: str = "welch"
+) -> dict:
+    """One pre-registered claim, decided by a one-sided test over seeds.
+
+    With d the difference subject - reference (`welch`: of the means; `rank`: the Hodges-Lehmann shift,
+    the median of the pairwise differences):
 
     - greater: H1 d > 0. Shown when p < alpha (the lower one-sided bound is above 0); contradicted when
       the upper one-sided bound is below 0 (the subject is significantly lower).
     - less: H1 d < 0. Shown when p < alpha (the upper bound is below 0); contradicted when the lower
       bound is above 0.
-    - non_inferior: H1 d < margin. Shown when the upper one-sided bound is below the margin; contradicted
-      when the lower bound is above it (significantly worse by more than the margin).
+    - non_inferior: H1 d < margin. Shown when p < alpha (the upper one-sided bound is below the margin);
+      contradicted when the lower bound is above it (significantly worse by more than the margin).
 
-    One-sided bounds are at level 1 - alpha; the reported interval is the two-sided 95% one.
+    `welch` is the one-sided Welch t-test with t-intervals; `rank` the one-sided Mann-Whitney U test
+    (exact over the splits of the seeds) with Moses's distribution-free bounds on the shift, which needs
+    no normal errors and no equal spreads. One-sided bounds are at level 1 - alpha; the reported interval
+    is the two-sided 95% one.
 
     Args:
         claim: `key`, `subject`, `reference`, `hypothesis` (an entry of `study.claims`).
         errors: model name -> final training error (a fraction) of each seed.
         alpha: the study's significance level.
         margin: the non-inferiority margin (a fraction).
+        test: a key of TESTS (`study.test`).
 
     Returns:
-        A JSON-able dict: key, claim (its sentence), hypothesis, models, means, sds, seeds, difference,
-        ci95 (two-sided), bound (the one-sided bound the decision uses), p_value, outcome and reason.
+        A JSON-able dict: key, claim (its sentence), hypothesis, test, models, means, sds, seeds,
+        difference (d), ci95 (two-sided), bound (the one-sided bound the decision uses), p_value, outcome
+        and reason.
     """
-    from scipy import stats
-
     subject, reference, hypothesis = claim["subject"], claim["reference"], claim["hypothesis"]
+    test_name, estimate_name, run_test = TESTS[test]
     result = {
         "key": claim["key"],
         "claim": claim_text(claim, margin),
         "hypothesis": hypothesis,
+        "test": test,
         "models": [subject, reference],
         "means": None,
         "sds": None,
@@ -180,36 +251,25 @@ def decide_claim(
         name: float(values.std(ddof=1)) if values.size > 1 else None for name, values in samples.items()
     }
     result["seeds"] = {name: int(values.size) for name, values in samples.items()}
-    difference = result["means"][subject] - result["means"][reference]
-    result["difference"] = difference
-    summary = (
-        f"{subject} {_pct(result['means'][subject])} vs {reference} {_pct(result['means'][reference])}, "
-        f"difference {_points(difference)} points"
-    )
+    summary = f"{subject} {_pct(result['means'][subject])} vs {reference} {_pct(result['means'][reference])}"
     if min(result["seeds"].values()) < MIN_SEEDS_FOR_TEST:
         return result | {
             "outcome": UNTESTED,
             "reason": f"{summary}; untested: fewer than {MIN_SEEDS_FOR_TEST} seeds per model",
         }
 
-    difference, se, df = welch(samples[subject], samples[reference])
-    if se == 0:
-        low = high = lower_bound = upper_bound = difference
-    else:
-        half_width = stats.t.ppf(0.975, df) * se
-        low, high = difference - half_width, difference + half_width
-        one_sided = stats.t.ppf(1 - alpha, df) * se
-        lower_bound, upper_bound = difference - one_sided, difference + one_sided
-    result["ci95"] = [low, high]
+    if (floor := smallest_p(test, *result["seeds"].values())) >= alpha:
+        return result | {
+            "outcome": UNTESTED,
+            "reason": f"{summary}; untested: with these seeds the {test_name} test's p is at least "
+            f"{floor:.3g}, not below alpha {alpha:g}",
+        }
     threshold = margin if hypothesis == "non_inferior" else 0.0
-    if se == 0:
-        holds = difference > 0 if hypothesis == "greater" else difference < threshold
-        p_value = 0.0 if holds else 1.0
-    elif hypothesis == "greater":
-        p_value = float(stats.t.sf(difference / se, df))
-    else:
-        p_value = float(stats.t.cdf((difference - threshold) / se, df))
-    result["p_value"] = p_value
+    side = "greater" if hypothesis == "greater" else "less"
+    difference, ci95, (lower_bound, upper_bound), p_value = run_test(
+        samples[subject], samples[reference], alpha=alpha, threshold=threshold, side=side
+    )
+    result |= {"difference": difference, "ci95": list(ci95), "p_value": p_value}
     if hypothesis == "greater":
         result["bound"] = lower_bound
         shown, contradicted = p_value < alpha, upper_bound < 0
@@ -221,7 +281,9 @@ def decide_claim(
         if hypothesis == "non_inferior":
             bound_text += f" against the margin {_points(margin)}"
     outcome = SHOWN if shown else CONTRADICTED if contradicted else NOT_SHOWN
-    evidence = f"95% CI [{_points(low)}, {_points(high)}], {bound_text}, one-sided Welch p = {p_value:.3g}"
+    evidence = f"95% CI [{_points(ci95[0])}, {_points(ci95[1])}], {bound_text}, one-sided {test_name} p"
+    evidence += f" = {p_value:.3g}"
+    summary += f", {estimate_name} {_points(difference)} points"
     return result | {"outcome": outcome, "reason": f"{summary} ({evidence})"}
 
 
@@ -231,6 +293,7 @@ def verdict(
     *,
     alpha: float = 0.05,
     margin: float = 0.01,
+    test: str = "welch",
 ) -> dict:
     """Does the study show the degradation problem, and that skip connections prevent it?
 
@@ -244,13 +307,16 @@ def verdict(
         claims: the study's claims (`study.claims`).
         alpha: the study's significance level.
         margin: the non-inferiority margin (a fraction).
+        test: a key of TESTS (`study.test`).
 
     Returns:
         A JSON-able dict: `answer` ("yes", "no" or "inconclusive"), a one-paragraph `text`, `alpha`,
         `margin`, `comparisons` (one `decide_claim` result per claim), flat `<key>_difference`,
         `<key>_p_value` and `<key>_shown` for `dvc metrics`, and `final_train_error_mean` per model.
     """
-    comparisons = [decide_claim(claim, final_train_errors, alpha=alpha, margin=margin) for claim in claims]
+    comparisons = [
+        decide_claim(claim, final_train_errors, alpha=alpha, margin=margin, test=test) for claim in claims
+    ]
     contradicted = [c for c in comparisons if c["outcome"] == CONTRADICTED]
     not_shown = [c for c in comparisons if c["outcome"] != SHOWN]
     if not comparisons:
@@ -272,7 +338,7 @@ def verdict(
             + "; ".join(f"{c['claim']}, {c['reason']}" for c in comparisons)
             + "."
         )
-    result = {"answer": answer, "text": text, "alpha": alpha, "margin": margin}
+    result = {"answer": answer, "text": text, "alpha": alpha, "margin": margin, "test": test}
     for comparison in comparisons:
         result[f"{comparison['key']}_difference"] = comparison["difference"]
         result[f"{comparison['key']}_p_value"] = comparison["p_value"]
@@ -609,15 +675,17 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
 
 def render_comparisons(result: Mapping) -> str:
     """Render the verdict's claims as a Markdown table."""
+    estimate = TESTS[result.get("test", "welch")][1].capitalize()
     lines = [
-        "| Claim | Test | Mean clean training error | Difference (pts) | 95% CI (pts) "
+        f"| Claim | Test | Mean clean training error | {estimate} (pts) | 95% CI (pts) "
         "| One-sided bound (pts) "
         "| p | Outcome |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    tests = {"greater": "Welch, H1: d > 0", "less": "Welch, H1: d < 0"}
+    name = TESTS[result.get("test", "welch")][0]
+    alternatives = {"greater": "d > 0", "less": "d < 0", "non_inferior": f"d < {_points(result['margin'])}"}
     for c in result["comparisons"]:
-        test = tests.get(c["hypothesis"], f"Welch, H1: d < {_points(result['margin'])}")
+        test = f"{name}, H1: {alternatives[c['hypothesis']]}"
         means = " vs ".join(_pct(mean) for mean in c["means"].values()) if c["means"] else "—"
         difference = _points(c["difference"]) if c["difference"] is not None else "—"
         ci95 = f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}]" if c["ci95"] else "—"
@@ -628,6 +696,13 @@ def render_comparisons(result: Mapping) -> str:
             f"| **{c['outcome']}** |"
         )
     return "\n".join(lines)
+
+
+_TEST_DESIGN = {
+    "welch": "one-sided Welch t-tests over seeds on the difference of means",
+    "rank": "one-sided Mann-Whitney U tests over seeds, exact over the splits of the seeds, on the "
+    "Hodges-Lehmann shift with Moses's distribution-free bounds",
+}
 
 
 def render_design(design: Mapping) -> str:
@@ -673,10 +748,9 @@ def render_design(design: Mapping) -> str:
             f"{design['steps']} SGD steps.",
             "- Endpoint: final training error from a clean pass over the training split in inference mode, "
             "without augmentation (the evaluate stage), per seed.",
-            f"- Tests: one-sided Welch tests over seeds at alpha {design['alpha']:g}; non-inferiority margin "
-            f"{100 * design['margin']:.2f} points. Yes needs every claim shown; No needs one contradicted "
-            "with "
-            "significance; anything else is Inconclusive.",
+            f"- Tests: {_TEST_DESIGN[design.get('test', 'welch')]} at alpha {design['alpha']:g}; "
+            f"non-inferiority margin {100 * design['margin']:.2f} points. Yes needs every claim shown; No "
+            "needs one contradicted with significance; anything else is Inconclusive.",
             f"- Convergence check: a net whose mean running training error still falls faster than "
             f"{100 * convergence_rule['max_decrease']:.2f} points per epoch over the last "
             f"{convergence_rule['window']} epochs is marked as still falling.",

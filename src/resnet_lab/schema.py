@@ -136,6 +136,7 @@ class Study:  # its design is checked where it is compared: resnet_lab.report.ch
     seeds: list[int]
     alpha: float
     margin: float
+    test: str = _one_of("welch", "rank")  # resnet_lab.report.TESTS
     convergence: Convergence
     claims: list[dict[str, str]]  # key, subject, reference, hypothesis
 
