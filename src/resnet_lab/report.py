@@ -698,6 +698,11 @@ def render_comparisons(result: Mapping) -> str:
     return "\n".join(lines)
 
 
+_ESTIMATE_TEXT = {
+    "welch": "the first model's mean minus the second's",
+    "rank": "the Hodges-Lehmann shift of the first model against the second (the median of the differences "
+    "over all pairs of their seeds)",
+}
 _TEST_DESIGN = {
     "welch": "one-sided Welch t-tests over seeds on the difference of means",
     "rank": "one-sided Mann-Whitney U tests over seeds, exact over the splits of the seeds, on the "
@@ -799,7 +804,7 @@ Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.
 
 {render_comparisons(result)}
 
-d is the first model's mean minus the second's, in points of training error. {convergence_note}
+d is {_ESTIMATE_TEXT[result.get("test", "welch")]}, in points of training error. {convergence_note}
 
 ## Models
 
