@@ -126,28 +126,8 @@ _QUICK_RETRIES = {
 }
 
 
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """The resolved configuration as dotted keys, with any password in a URI masked."""
-    from omegaconf import OmegaConf
-
-    flat: dict[str, str] = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = mask_password(str(node))
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
-
-
-_PASSWORD_IN_URI = re.compile(r"(://[^/\s:@]+\\?:)[^/\s@]+@")
-
-
-def masked_yaml(cfg: DictConfig) -> str:
-    """The resolved configuration as YAML with any password in a URI masked: the `config.yaml` a run logs."""
+def _masked(cfg: DictConfig):
+    """The resolved configuration as plain containers, with any password in a URI masked."""
     from omegaconf import OmegaConf
 
     def mask(node):
@@ -157,7 +137,32 @@ def masked_yaml(cfg: DictConfig) -> str:
             return [mask(value) for value in node]
         return mask_password(node) if isinstance(node, str) else node
 
-    return OmegaConf.to_yaml(mask(OmegaConf.to_container(cfg, resolve=True)))
+    return mask(OmegaConf.to_container(cfg, resolve=True))
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """The resolved configuration as dotted keys, with any password in a URI masked."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = str(node)
+
+    walk(_masked(cfg), "")
+    return flat
+
+
+def masked_yaml(cfg: DictConfig) -> str:
+    """The resolved configuration as YAML with any password in a URI masked: the `config.yaml` a run logs."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(_masked(cfg))
+
+
+_PASSWORD_IN_URI = re.compile(r"(://[^/\s:@]+\\?:)[^/\s@]+@")
 
 
 def mask_password(value: str) -> str:
@@ -176,6 +181,19 @@ def mask_password(value: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _health_failure(uri: str, timeout_s: float) -> str | None:
+    """Why an HTTP tracking server does not answer its health check (None when it does, or not HTTP)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as exc:
+        return type(exc).__name__
+    return None
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail before training, with the URI in the message, when the tracking store cannot be reached.
 
@@ -183,22 +201,13 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         ConfigError: an HTTP server that does not answer its health check, or a SQLite file in a
             directory that does not exist.
     """
-    from resnet_lab.errors import ConfigError
-
-    shown = mask_password(uri)
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
-        except requests.RequestException as exc:
-            raise ConfigError(
-                f"cannot reach the MLflow tracking server at {shown}: {type(exc).__name__}"
-            ) from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///") :]).parent
-        if not folder.is_dir():
-            raise ConfigError(f"MLflow tracking URI {shown}: directory {str(folder)!r} does not exist")
+    if failure := _health_failure(uri, timeout_s):
+        raise ConfigError(f"cannot reach the MLflow tracking server at {mask_password(uri)}: {failure}")
+    folder = Path(uri[len("sqlite:///") :]).parent
+    if uri.startswith("sqlite:///") and not folder.is_dir():
+        raise ConfigError(
+            f"MLflow tracking URI {mask_password(uri)}: directory {str(folder)!r} does not exist"
+        )
 
 
 def git_commit(cwd: Path | None = None) -> str | None:
@@ -620,7 +629,7 @@ def live_sync(record_dir: Path, client):
 
     def on_epoch() -> None:
         nonlocal away
-        if away and not _answers(client.tracking_uri):
+        if away and _health_failure(client.tracking_uri, 2.0):
             return
         try:
             with _signals_held():
@@ -640,18 +649,6 @@ def live_sync(record_dir: Path, client):
         away = False
 
     return on_epoch
-
-
-def _answers(uri: str) -> bool:
-    """A cheap probe while the store is away: an HTTP server's health check, anything else is tried."""
-    if not uri.startswith(("http://", "https://")):
-        return True
-    import requests
-
-    try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=2).ok
-    except requests.RequestException:
-        return False
 
 
 def _log_model_once(client, run_id: str, path: Path) -> None:
