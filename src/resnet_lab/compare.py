@@ -34,8 +34,10 @@ from resnet_lab.report import (
     member_record,
     model_table,
     parse_model_name,
+    plot_final_errors,
     plot_learning_curves,
     render_report,
+    render_seeds,
     render_table,
     verdict,
 )
@@ -44,6 +46,7 @@ from resnet_lab.train import sigterm_as_interrupt
 
 REPORT_FILE = "degradation.md"
 FIGURE_FILE = "learning_curves.png"
+SEEDS_FIGURE_FILE = "final_errors.png"
 VERDICT_FILE = "verdict.json"
 CURVES_FILE = "curves.csv"
 CURVES_BY_MODEL_FILE = "curves_by_model.csv"
@@ -163,11 +166,11 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
         table (`resnet_lab.report.model_table`) and the paths written.
     """
     models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
-    train_errors = {model: [] for model in models}
+    by_seed = {model: {} for model in models}
     for member in members:
-        train_errors[member["model"]].append(float(member["evaluation"]["train_error"]))
+        by_seed[member["model"]][int(member["seed"])] = float(member["evaluation"]["train_error"])
     result = verdict(
-        train_errors,
+        {model: list(per_seed.values()) for model, per_seed in by_seed.items()},
         _claims(cfg),
         alpha=float(cfg.study.alpha),
         margin=float(cfg.study.margin),
@@ -186,13 +189,27 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
         curves.to_csv(staging / CURVES_FILE, index=False)
         curves_by_model(curves).to_csv(staging / CURVES_BY_MODEL_FILE, index=False)
         (staging / VERDICT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        plot_final_errors(by_seed, staging / SEEDS_FIGURE_FILE)
         markdown = render_report(
-            result, render_table(table, slopes), FIGURE_FILE, design=study_design(cfg, members), slopes=slopes
+            result,
+            render_table(table, slopes),
+            FIGURE_FILE,
+            design=study_design(cfg, members),
+            slopes=slopes,
+            seeds_markdown=render_seeds(by_seed),
+            seeds_figure=SEEDS_FIGURE_FILE,
         )
         (staging / REPORT_FILE).write_text(markdown)
     paths = [
         reports_dir / name
-        for name in (REPORT_FILE, FIGURE_FILE, VERDICT_FILE, CURVES_FILE, CURVES_BY_MODEL_FILE)
+        for name in (
+            REPORT_FILE,
+            FIGURE_FILE,
+            SEEDS_FIGURE_FILE,
+            VERDICT_FILE,
+            CURVES_FILE,
+            CURVES_BY_MODEL_FILE,
+        )
     ]
     return result, table, paths
 

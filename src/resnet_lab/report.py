@@ -494,6 +494,55 @@ def plot_learning_curves(curves: pd.DataFrame, path: str | os.PathLike, *, title
     return path
 
 
+def plot_final_errors(
+    errors: Mapping[str, Mapping[int, float]], path: str | os.PathLike, *, title: str = ""
+) -> Path:
+    """Each seed's final clean training error as a dot, a column per model: what the claims' tests compare.
+
+    Args:
+        errors: model -> seed -> final clean training error (a fraction), models in the study's order.
+        path: the PNG to write.
+        title: the figure's title.
+
+    Returns:
+        `path`.
+    """
+    from matplotlib.figure import Figure
+
+    models = list(errors)
+    colors = model_colors(models)
+    figure = Figure(figsize=(1.2 * len(models) + 2.5, 4.2), layout="constrained")
+    ax = figure.subplots()
+    for column, model in enumerate(models):
+        values = 100 * np.asarray(list(errors[model].values()), dtype=float)
+        # Spread the dots sideways so that seeds with equal errors stay countable.
+        offsets = np.linspace(-0.18, 0.18, len(values)) if len(values) > 1 else np.zeros(1)
+        ax.scatter(column + offsets, values, color=colors[model], s=28, zorder=3)
+        if len(values):
+            ax.hlines(np.median(values), column - 0.3, column + 0.3, color=colors[model], linewidth=1.5)
+    ax.set_xticks(range(len(models)), labels=models)
+    ax.set_ylabel("final training error, clean pass (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_title(title or "one dot per seed, a line at the median", fontsize="medium")
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def render_seeds(errors: Mapping[str, Mapping[int, float]]) -> str:
+    """Each member's final clean training error as a Markdown table: a row per model, a column per seed."""
+    seeds = sorted({seed for per_seed in errors.values() for seed in per_seed})
+    lines = [
+        "| Model | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
+        "|---|" + "---:|" * len(seeds),
+    ]
+    for model, per_seed in errors.items():
+        cells = [_pct(per_seed[seed]) if seed in per_seed else "—" for seed in seeds]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_confusion_matrix(
     matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | os.PathLike, *, title: str = ""
 ) -> Path:
@@ -770,6 +819,8 @@ def render_report(
     *,
     design: Mapping,
     slopes: Mapping[str, Mapping],
+    seeds_markdown: str = "",
+    seeds_figure: str = "",
 ) -> str:
     """The degradation report in Markdown: the design it ran, the verdict, then the numbers behind it.
 
@@ -779,6 +830,8 @@ def render_report(
         figure_path: the learning-curves figure, relative to the report.
         design: see `render_design`.
         slopes: what `convergence` returned.
+        seeds_markdown: what `render_seeds` returned: the errors the tests compared, seed by seed.
+        seeds_figure: the `plot_final_errors` figure, relative to the report.
 
     Returns:
         The Markdown text.
@@ -790,6 +843,11 @@ def render_report(
         if falling
         else "Every net's training error had flattened over the last epochs."
     )
+    seeds_section = ""
+    if seeds_markdown:
+        seeds_section = f"\n### Seed by seed: the errors the tests compare\n\n{seeds_markdown}\n"
+        if seeds_figure:
+            seeds_section += f"\n![Final clean training error, one dot per seed]({seeds_figure})\n"
     return f"""# Degradation study on {design["data"]["name"]}
 
 Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.03385, Sec. 4.1, Fig. 4)?
@@ -805,7 +863,7 @@ Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.
 {render_comparisons(result)}
 
 d is {_ESTIMATE_TEXT[result.get("test", "welch")]}, in points of training error. {convergence_note}
-
+{seeds_section}
 ## Models
 
 {table_markdown}
