@@ -64,6 +64,7 @@ STAGE_CASES = [
     ("model in no claim", compare.main, ["study.models=[plain18,plain34,resnet18,resnet34,resnet50,resnet8]"],
      "study.models ['resnet8'] take part in no claim"),
     ("alpha 1", compare.main, ["study.alpha=1"], "study.alpha must be in (0, 0.5), got 1"),
+    ("unknown test", compare.main, ["study.test=ttest"], "unknown study.test 'ttest'; choose one of"),
     ("width 0", T, ["model.width=0"], "model.width must be a positive integer or null, got 0"),
     ("reference batch", T, ["optimizer.reference_batch_size=0"], "reference_batch_size must be a positive"),
     ("warm-up factor", T, ["schedule.warmup_epochs=0.5", "schedule.warmup_factor=2"], "warmup_factor must"),
