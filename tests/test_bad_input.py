@@ -59,7 +59,7 @@ STAGE_CASES = [
     ("params lack a key", T, ["--params", "{tmp}/missing.yaml"], "has no value for trainer.epochs"),
     ("no params.yaml", T, ["--params", "{tmp}/nope.yaml"], "{tmp}/nope.yaml not found"),
     ("params.yaml a list", T, ["--params", "{tmp}/list.yaml"], "list.yaml must hold a mapping"),
-    ("evaluate untrained", evaluate.main, [], "model.keras not found: train plain18 seed 0 first"),
+    ("evaluate untrained", evaluate.main, [], "model.keras not found: train plain18 seed 10 first"),
     ("empty study", compare.main, ["study.models=[]"], "the study needs models and seeds"),
     ("model in no claim", compare.main, ["study.models=[plain18,plain34,resnet18,resnet34,resnet50,resnet8]"],
      "study.models ['resnet8'] take part in no claim"),

@@ -41,6 +41,7 @@ from resnet_lab.report import (
     render_table,
     verdict,
 )
+from resnet_lab.schema import validate
 from resnet_lab.tracking import open_run, register_champion
 from resnet_lab.train import sigterm_as_interrupt
 
@@ -63,6 +64,7 @@ def check_study(cfg: DictConfig) -> None:
     Raises:
         ConfigError: the fault, in one line.
     """
+    validate(cfg)
     models = list(cfg.study.models)
     for model in models:
         try:
