@@ -250,6 +250,7 @@ def test_metrics_and_plots_are_declared(repo):
     curves = plots["reports/curves.csv"][0]["content"]
     assert {row["model"] for row in curves["data"]["values"]} == {"plain8", "resnet8"}
     assert "plots/confusion/plain8-0.json" in plots and "plots/confusion/resnet8-0.png" in plots
+    assert "reports/final_errors.png" in plots and "reports/learning_curves.png" in plots
 
 
 @pytest.mark.slow
