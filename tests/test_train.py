@@ -48,6 +48,7 @@ def test_a_run_records_params_metrics_artifacts_and_a_loadable_model(tiny_cfg, t
     assert params["jit_compile"] == "False"
     tags = run.data.tags
     assert tags["resnet_lab.family"] == "residual" and tags["resnet_lab.depth"] == "8"
+    assert "resnet_lab.tracking_outage" not in tags  # the server never went away
     inputs = {i.dataset.name: i for i in run.inputs.dataset_inputs}
     assert sorted(inputs) == ["digits-train", "digits-validation"]
     assert [t.value for t in inputs["digits-train"].tags] == ["train"]

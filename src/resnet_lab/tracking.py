@@ -423,7 +423,7 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
                 return False
             write_text_atomically(self.record_dir / STATUS_FILE, json.dumps(end) + "\n")
             try:
-                sync(self.record_dir, self.run.client)
+                sync(self.record_dir, self.run.client, live=True)
             except Exception as exc_sync:
                 if not _unreachable(exc_sync):
                     raise
@@ -572,7 +572,8 @@ def sync(record_dir: str | os.PathLike, client=None, *, live: bool = False) -> i
     Args:
         record_dir: a training run's directory (it holds `mlflow_run.json`).
         client: an `MlflowClient`; one for the URI recorded in the directory when None.
-        live: called by the run itself after an epoch: only epochs before the last count as late.
+        live: called by the run itself, after an epoch or as it ends: its newest epoch and its end are on
+            time, and only what an outage held back counts as late.
 
     Returns:
         The number of epochs sent.
