@@ -724,7 +724,8 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
 
 def render_comparisons(result: Mapping) -> str:
     """Render the verdict's claims as a Markdown table."""
-    estimate = TESTS[result.get("test", "welch")][1].capitalize()
+    estimate = TESTS[result.get("test", "welch")][1]
+    estimate = estimate[0].upper() + estimate[1:]
     lines = [
         f"| Claim | Test | Mean clean training error | {estimate} (pts) | 95% CI (pts) "
         "| One-sided bound (pts) "
