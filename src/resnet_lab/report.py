@@ -12,8 +12,9 @@ import functools
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -188,9 +189,31 @@ def _rank_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, thre
     return float(np.median(differences)), bounds(0.025), bounds(alpha), float(p_value)
 
 
+class _Test(NamedTuple):
+    name: str  # in a reason: "one-sided <name> p"
+    estimate: str  # what d is, in a table heading
+    run: Callable  # (subject, reference, *, alpha, threshold, side) -> d, ci95, one-sided bounds, p
+    design: str  # the report's design section
+    explained: str  # the sentence under the claims table
+
+
 TESTS = {
-    "welch": ("Welch", "difference of means", _welch_test),
-    "rank": ("Mann-Whitney", "Hodges-Lehmann shift", _rank_test),
+    "welch": _Test(
+        "Welch",
+        "difference of means",
+        _welch_test,
+        "one-sided Welch t-tests over seeds on the difference of means",
+        "the first model's mean minus the second's",
+    ),
+    "rank": _Test(
+        "Mann-Whitney",
+        "Hodges-Lehmann shift",
+        _rank_test,
+        "one-sided Mann-Whitney U tests over seeds, exact over the splits of the seeds, on the "
+        "Hodges-Lehmann shift with Moses's distribution-free bounds",
+        "the Hodges-Lehmann shift of the first model against the second (the median of the differences "
+        "over all pairs of their seeds)",
+    ),
 }
 
 
@@ -227,7 +250,7 @@ def decide_claim(
         and reason.
     """
     subject, reference, hypothesis = claim["subject"], claim["reference"], claim["hypothesis"]
-    test_name, estimate_name, run_test = TESTS[test]
+    test_name, estimate_name, run_test = TESTS[test][:3]
     result = {
         "key": claim["key"],
         "claim": claim_text(claim, margin),
@@ -724,7 +747,7 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
 
 def render_comparisons(result: Mapping) -> str:
     """Render the verdict's claims as a Markdown table."""
-    estimate = TESTS[result.get("test", "welch")][1]
+    estimate = TESTS[result.get("test", "welch")].estimate
     estimate = estimate[0].upper() + estimate[1:]
     lines = [
         f"| Claim | Test | Mean clean training error | {estimate} (pts) | 95% CI (pts) "
@@ -732,7 +755,7 @@ def render_comparisons(result: Mapping) -> str:
         "| p | Outcome |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    name = TESTS[result.get("test", "welch")][0]
+    name = TESTS[result.get("test", "welch")].name
     alternatives = {"greater": "d > 0", "less": "d < 0", "non_inferior": f"d < {_points(result['margin'])}"}
     for c in result["comparisons"]:
         test = f"{name}, H1: {alternatives[c['hypothesis']]}"
@@ -746,18 +769,6 @@ def render_comparisons(result: Mapping) -> str:
             f"| **{c['outcome']}** |"
         )
     return "\n".join(lines)
-
-
-_ESTIMATE_TEXT = {
-    "welch": "the first model's mean minus the second's",
-    "rank": "the Hodges-Lehmann shift of the first model against the second (the median of the differences "
-    "over all pairs of their seeds)",
-}
-_TEST_DESIGN = {
-    "welch": "one-sided Welch t-tests over seeds on the difference of means",
-    "rank": "one-sided Mann-Whitney U tests over seeds, exact over the splits of the seeds, on the "
-    "Hodges-Lehmann shift with Moses's distribution-free bounds",
-}
 
 
 def render_design(design: Mapping) -> str:
@@ -803,7 +814,7 @@ def render_design(design: Mapping) -> str:
             f"{design['steps']} SGD steps.",
             "- Endpoint: final training error from a clean pass over the training split in inference mode, "
             "without augmentation (the evaluate stage), per seed.",
-            f"- Tests: {_TEST_DESIGN[design.get('test', 'welch')]} at alpha {design['alpha']:g}; "
+            f"- Tests: {TESTS[design.get('test', 'welch')].design} at alpha {design['alpha']:g}; "
             f"non-inferiority margin {100 * design['margin']:.2f} points. Yes needs every claim shown; No "
             "needs one contradicted with significance; anything else is Inconclusive.",
             f"- Convergence check: a net whose mean running training error still falls faster than "
@@ -863,7 +874,7 @@ Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.
 
 {render_comparisons(result)}
 
-d is {_ESTIMATE_TEXT[result.get("test", "welch")]}, in points of training error. {convergence_note}
+d is {TESTS[result.get("test", "welch")].explained}, in points of training error. {convergence_note}
 {seeds_section}
 ## Models
 
