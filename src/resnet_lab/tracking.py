@@ -118,7 +118,8 @@ FAILURE_TAG = "resnet_lab.failure"
 OUTAGE_TAG = "resnet_lab.tracking_outage"
 # MLflow retries a refused connection for about four minutes (7 retries, backoff factor 2): once per
 # epoch, that would stall training for as long as the server is away. Two quick retries ride out a
-# restart; then the records go to UNSENT_FILE. Values set in the environment win.
+# restart; what they could not send stays in the run directory for a later sync. Values set in the
+# environment win.
 _QUICK_RETRIES = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -330,9 +331,20 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         self.run: Run | None = None
         self.resumed = False
         self._monitor = None
+        self._retries = contextlib.nullcontext()
 
     def __enter__(self) -> Run | None:
-        run = self._open()
+        if self.record_dir is not None:
+            # Every request of a training run retries briefly, the system-metrics thread's too: its
+            # directory keeps what an outage holds back, and a request that waited out MLflow's own
+            # retries (about four minutes) would hold the run's end that long.
+            self._retries = _quick_retries()
+            self._retries.__enter__()
+        try:
+            run = self._open()
+        except BaseException:
+            self._retries.__exit__(None, None, None)
+            raise
         interval = self.cfg.tracking.get("system_metrics_interval_s")
         if run is not None and self.system_metrics and interval:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -408,6 +420,12 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         return run_id
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            return self._end_run(exc_type, exc)
+        finally:
+            self._retries.__exit__(None, None, None)
+
+    def _end_run(self, exc_type, exc) -> bool:
         if self.run is None:
             return False
         if self._monitor is not None:
