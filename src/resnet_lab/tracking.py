@@ -331,20 +331,17 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         self.run: Run | None = None
         self.resumed = False
         self._monitor = None
-        self._retries = contextlib.nullcontext()
+        self._held = contextlib.ExitStack()  # what the run holds until it ends
 
     def __enter__(self) -> Run | None:
-        if self.record_dir is not None:
-            # Every request of a training run retries briefly, the system-metrics thread's too: its
-            # directory keeps what an outage holds back, and a request that waited out MLflow's own
-            # retries (about four minutes) would hold the run's end that long.
-            self._retries = _quick_retries()
-            self._retries.__enter__()
-        try:
+        with contextlib.ExitStack() as held:
+            if self.record_dir is not None:
+                # Every request of a training run retries briefly, the system-metrics thread's too: its
+                # directory keeps what an outage holds back, and a request that waited out MLflow's own
+                # retries (about four minutes) would hold the run's end that long.
+                held.enter_context(_quick_retries())
             run = self._open()
-        except BaseException:
-            self._retries.__exit__(None, None, None)
-            raise
+            self._held = held.pop_all()
         interval = self.cfg.tracking.get("system_metrics_interval_s")
         if run is not None and self.system_metrics and interval:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -420,10 +417,8 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
         return run_id
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        try:
+        with self._held:
             return self._end_run(exc_type, exc)
-        finally:
-            self._retries.__exit__(None, None, None)
 
     def _end_run(self, exc_type, exc) -> bool:
         if self.run is None:
