@@ -8,8 +8,10 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +138,42 @@ def test_parallel_writers_on_one_sqlite_file_lose_nothing(tmp_path):
     assert len(runs) == workers * runs_each
     assert all(r.info.status == "FINISHED" and len(r.data.params) == 60 for r in runs)
     assert all(len(client.get_metric_history(r.info.run_id, "m7")) == 10 for r in runs[:4])
+
+
+def test_two_runs_logging_one_new_dataset_at_once_both_record_it(tiny_cfg):
+    """The race a parallel sweep's first epoch can lose: both runs look the dataset up before either
+    inserts it. A transaction the test holds open on the SQLite file keeps both waiting at the insert.
+    """
+    from resnet_lab.tracking import Run, log_dataset_inputs
+
+    cfg = tiny_cfg()
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment = client.create_experiment("race")
+    runs = [
+        Run(MlflowClient(tracking_uri=cfg.tracking.uri), client.create_run(experiment).info.run_id)
+        for _ in "ab"
+    ]
+    writer = sqlite3.connect(cfg.tracking.uri.removeprefix("sqlite:///"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    errors = []
+
+    def log(run):
+        try:
+            log_dataset_inputs(run, cfg, ("train",))
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=log, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)  # both past their look-up, waiting for the write lock
+    writer.execute("COMMIT")
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    logged = [client.get_run(run.run_id).inputs.dataset_inputs for run in runs]
+    assert [[i.dataset.name for i in inputs] for inputs in logged] == [["digits-train"]] * 2
+    assert logged[0][0].dataset.digest == logged[1][0].dataset.digest
 
 
 @pytest.mark.slow

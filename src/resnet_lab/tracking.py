@@ -488,7 +488,17 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
             ),
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
-    run.client.log_inputs(run.run_id, datasets=inputs)
+    for attempt in range(3):
+        try:
+            run.client.log_inputs(run.run_id, datasets=inputs)
+            break
+        except Exception as exc:
+            # MLflow's SQL store looks a dataset up and then inserts it; two runs of a sweep logging
+            # the same new dataset at once can both miss it, and the later insert fails. Its retry
+            # finds the row the other run wrote.
+            if attempt == 2 or not _lost_insert_race(exc):
+                raise
+            log.info("MLflow run %s: another run logged the same dataset at once; logging again", run.run_id)
     return {split: i.dataset for split, i in zip(splits, inputs, strict=True)}
 
 
@@ -819,6 +829,13 @@ def _quick_retries():
     finally:
         for key in added:
             os.environ.pop(key, None)
+
+
+def _lost_insert_race(exc: BaseException) -> bool:
+    """Whether `exc` is a tracking store's unique-constraint failure (SQLAlchemy's IntegrityError)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and "IntegrityError" in exc.message
 
 
 def _unreachable(exc: BaseException) -> bool:
