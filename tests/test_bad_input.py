@@ -56,6 +56,7 @@ STAGE_CASES = [
     ("store dir missing", T, ["tracking.uri=sqlite:///{tmp}/a/m.db"], "'{tmp}/a' does not exist"),
     ("unknown key", T, ["trainer.epochz=3"], "{tmp}/params.yaml has no key 'trainer.epochz'"),
     ("override without =", T, ["trainer.epochs"], "override 'trainer.epochs' is not KEY=VALUE"),
+    ("a sweep at a stage", T, ["seed=1,2"], "override 'seed=1,2': a stage takes KEY=VALUE only"),
     ("params lack a key", T, ["--params", "{tmp}/missing.yaml"], "has no value for trainer.epochs"),
     ("no params.yaml", T, ["--params", "{tmp}/nope.yaml"], "{tmp}/nope.yaml not found"),
     ("params.yaml a list", T, ["--params", "{tmp}/list.yaml"], "list.yaml must hold a mapping"),

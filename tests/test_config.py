@@ -92,3 +92,18 @@ def test_a_bad_value_in_the_stages_params_yaml_costs_one_line(override, message,
     assert exit_info.value.code == 2
     assert message in _error_line(capsys.readouterr().err)
     assert not (tmp_path / "models").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_stage_reads_overrides_in_hydras_grammar_as_dvc_exp_run_does(tmp_path):
+    from resnet_lab.config import stage_config
+
+    OmegaConf.save(compose([]), tmp_path / "params.yaml")
+    claim = "{key:degradation,subject:plain56,reference:plain20,hypothesis:greater}"
+    overrides = [f"study.claims=[{claim}]", "study.models=[plain20,plain56]"]
+    overrides += ["tracking.uri=http://127.0.0.1:5000", "optimizer.learning_rate=2e-1"]
+    cfg = stage_config(["--params", str(tmp_path / "params.yaml"), *overrides])
+    assert OmegaConf.to_container(cfg.study.claims) == [
+        {"key": "degradation", "subject": "plain56", "reference": "plain20", "hypothesis": "greater"}
+    ]
+    assert list(cfg.study.models) == ["plain20", "plain56"]
+    assert cfg.tracking.uri == "http://127.0.0.1:5000" and cfg.optimizer.learning_rate == 0.2

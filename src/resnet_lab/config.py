@@ -79,8 +79,9 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> DictConfig:
 def stage_config(argv: Sequence[str] | None = None, *, description: str = "") -> DictConfig:
     """Parse a DVC stage's command line: ``[--params FILE] [dotted.key=value ...]``.
 
-    Overrides use OmegaConf's dotlist syntax (the same as Hydra's for plain values) and may only replace
-    keys that `params.yaml` has, so a typo fails instead of training the wrong thing.
+    Overrides use Hydra's grammar, as `dvc exp run -S` and the Hydra app do (lists and dicts included:
+    ``'study.claims=[{key:degradation,subject:plain34,reference:plain18,hypothesis:greater}]'``), and may
+    only replace keys that `params.yaml` has, so a typo fails instead of training the wrong thing.
 
     Args:
         argv: the arguments after the program name; `sys.argv[1:]` when None.
@@ -91,19 +92,29 @@ def stage_config(argv: Sequence[str] | None = None, *, description: str = "") ->
     """
     import argparse
 
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=PARAMS_FILE, help="composed configuration (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=plain34 seed=1")
     args = parser.parse_args(argv)
     cfg = load_params(args.params)
+    patch = OmegaConf.create()
     for item in args.overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not KEY=VALUE")
+        try:
+            (override,) = OverridesParser.create().parse_overrides([item])
+        except HydraException as exc:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE: {str(exc).splitlines()[0]}") from None
+        key = override.key_or_group
+        if override.type is not OverrideType.CHANGE or override.is_sweep_override():
+            raise ConfigError(f"override {item!r}: a stage takes KEY=VALUE only (no +, ~ or sweeps)")
         if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
             raise ConfigError(f"override {item!r}: {args.params} has no key {key!r}")
+        OmegaConf.update(patch, key, override.value(), merge=False)
     try:
-        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(args.overrides)))
+        return OmegaConf.merge(cfg, patch)
     except OmegaConfBaseException as exc:
         raise config_error(exc) from None
 
