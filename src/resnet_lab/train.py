@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab.config import checkpoint_dir, member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
+from resnet_lab.files import write_text_atomically
 from resnet_lab.runtime import is_chief, make_strategy, resolve_jit_compile, resolve_precision, worker_task
 from resnet_lab.schema import config_error, validate
 
@@ -136,8 +137,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                         _resolved_params(cfg, model, size, precision, strategy.num_replicas_in_sync)
                     )
                     tracking.log_dataset_inputs(run, cfg, ("train", "validation"))
-                _write_text(work_dir / "config.yaml", tracking.masked_yaml(cfg))
-                _write_text(work_dir / "model_summary.txt", _summary_text(model))
+                write_text_atomically(work_dir / "config.yaml", tracking.masked_yaml(cfg))
+                write_text_atomically(work_dir / "model_summary.txt", _summary_text(model))
             on_epoch = tracking.live_sync(work_dir, run.client) if run is not None else None
             started = time.perf_counter()
             history = model.fit(
@@ -288,7 +289,7 @@ def _save_results(
     run_id = run.run_id if run is not None else None
     summary = _summary(cfg, arch, *size, work_dir, train_time, run_id)
     summary["steps"] = int(steps) * int(cfg.trainer.epochs)
-    _write_json(work_dir / "summary.json", summary)
+    write_text_atomically(work_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -310,7 +311,7 @@ def _discard_other_configs_checkpoint(work_dir: Path, config_yaml: str) -> None:
             print(f"{work_dir} holds a checkpoint of another configuration: starting afresh", file=sys.stderr)
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(recorded, config_yaml)
+    write_text_atomically(recorded, config_yaml)
 
 
 def _publish_results(work_dir: Path, results_dir: Path) -> None:
@@ -405,16 +406,6 @@ def _plot_learning_curve(history_csv: Path, png: Path, title: str) -> Path:
     fig.savefig(png)
     plt.close(fig)
     return png
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    _write_text(path, json.dumps(payload, indent=2) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    from resnet_lab.checkpoints import write_text_atomically
-
-    write_text_atomically(path, text)
 
 
 def _hydra_output_dir() -> Path:
