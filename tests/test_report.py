@@ -26,6 +26,7 @@ from resnet_lab.report import (
     plot_confusion_matrix,
     plot_learning_curves,
     render_report,
+    render_speed,
     render_table,
     verdict,
 )
@@ -226,11 +227,32 @@ def test_convergence_marks_a_net_still_falling():
             rows.append(
                 {"model": "plain34", "seed": seed, "epoch": epoch, "train_error": still, "val_error": 0.3}
             )
-    slopes = convergence(pd.DataFrame(rows), window=5, max_decrease=0.001)
+    slopes = convergence(pd.DataFrame(rows), window=5, max_decrease=0.001, threshold=0.15)
 
-    assert slopes["plain18"] == {"slope": pytest.approx(0.0), "epochs": 5, "converged": True}
+    assert slopes["plain18"]["slope"] == pytest.approx(0.0)
+    assert (slopes["plain18"]["epochs"], slopes["plain18"]["converged"]) == (5, True)
     assert slopes["plain34"]["slope"] == pytest.approx(-0.02)
     assert slopes["plain34"]["converged"] is False
+    # 0.3 - 0.02 * epoch first falls below 0.15 at epoch 8; plain18 starts below it.
+    assert slopes["plain18"]["epochs_to_threshold"] == {0: 1, 1: 1}
+    assert slopes["plain34"]["epochs_to_threshold"] == {0: 8, 1: 8}
+    assert (
+        render_speed(slopes)
+        == "Epochs until the running training error first fell below 15%: plain18 1; plain34 8."
+    )
+
+
+def test_the_speed_sentence_names_the_seeds_that_never_reached_the_threshold():
+    slopes = {
+        "plain20": {"threshold": 0.01, "epochs_to_threshold": {20: 26, 21: 22, 22: 28}},
+        "plain56": {"threshold": 0.01, "epochs_to_threshold": {20: 134, 21: None, 22: None}},
+        "plain110": {"threshold": 0.01, "epochs_to_threshold": {20: None}},
+    }
+
+    assert render_speed(slopes) == (
+        "Epochs until the running training error first fell below 1%: "
+        "plain20 22-28; plain56 134 (2 seeds never); plain110 never."
+    )
 
 
 def _history(final_error: float, epochs: int = 4) -> pd.DataFrame:
@@ -368,7 +390,10 @@ def test_report_markdown_puts_the_design_first_then_verdict_table_and_figure():
         "convergence": {"window": 5, "max_decrease": 0.001},
         "params": {"plain18": 100, "resnet18": 100, "plain34": 200, "resnet34": 201},
     }  # fmt: skip
-    slopes = {name: {"slope": 0.0, "epochs": 4, "converged": True} for name in FIG4_ERRORS}
+    slopes = {
+        name: {"slope": 0.0, "epochs": 4, "converged": True, "threshold": 0.01, "epochs_to_threshold": {0: 3}}
+        for name in FIG4_ERRORS
+    }
     markdown = render_report(
         result,
         render_table(model_table(records), slopes),
@@ -395,6 +420,7 @@ def test_report_markdown_puts_the_design_first_then_verdict_table_and_figure():
     assert all(f"| {name} |" in markdown for name in FIG4_ERRORS)
     assert "![" in markdown and "](learning_curves.png)" in markdown
     assert "Every net's training error had flattened" in markdown
+    assert "Epochs until the running training error first fell below 1%: plain18 3; plain34 3;" in markdown
 
 
 def test_staged_files_leave_the_target_alone_on_error(tmp_path):

@@ -181,8 +181,7 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
     result["study"] = {"dataset": str(cfg.data.name), "models": models, "seeds": seeds}
 
     curves = curves_frame({(member["model"], member["seed"]): member["history"] for member in members})
-    rule = cfg.study.convergence
-    slopes = convergence(curves, window=int(rule.window), max_decrease=float(rule.max_decrease))
+    slopes = convergence(curves, **OmegaConf.to_container(cfg.study.convergence))
     result["convergence"] = slopes
     table = model_table([member_record(member["summary"], member["evaluation"]) for member in members])
     reports_dir = Path(cfg.paths.reports_dir)

@@ -373,30 +373,65 @@ def verdict(
     return result
 
 
-def convergence(curves: pd.DataFrame, *, window: int, max_decrease: float) -> dict[str, dict]:
-    """Whether each model's training error had flattened by the end: the slope over its last epochs.
+def convergence(
+    curves: pd.DataFrame, *, window: int, max_decrease: float, threshold: float
+) -> dict[str, dict]:
+    """Whether each model's training error had flattened by the end, and how fast it fell.
 
     The slope is a least-squares line through the mean over seeds of the training error of the last
-    `window` epochs, in error (a fraction) per epoch.
+    `window` epochs, in error (a fraction) per epoch. Under a step schedule those epochs run at the
+    smallest rate, so a flat end says little about a longer budget; how many epochs a net took to reach
+    `threshold` says how fast it trains (He et al. 2015, Sec. 4.1: deep plain nets "may have
+    exponentially low convergence rates").
 
     Args:
         curves: the long table of `curves_frame`.
         window: epochs at the end to fit.
         max_decrease: a model whose error still falls faster than this per epoch had not converged.
+        threshold: a training error (a fraction).
 
     Returns:
-        model -> {"slope": per epoch, "epochs": fitted, "converged": bool}.
+        model -> {"slope": per epoch, "epochs": fitted, "converged": bool, "threshold": `threshold`,
+        "epochs_to_threshold": per seed, the first epoch whose training error was below `threshold`,
+        None for a seed that never got there}.
     """
     result = {}
     for model, rows in curves.groupby("model", sort=False):
         per_epoch = rows.groupby("epoch")["train_error"].mean().sort_index().tail(window)
         slope = float(np.polyfit(per_epoch.index, per_epoch.to_numpy(), 1)[0]) if len(per_epoch) > 1 else 0.0
+        below = rows[rows["train_error"] < threshold].groupby("seed")["epoch"].min()
         result[str(model)] = {
             "slope": slope,
             "epochs": int(len(per_epoch)),
             "converged": slope >= -max_decrease,
+            "threshold": threshold,
+            "epochs_to_threshold": {
+                int(seed): (int(below[seed]) if seed in below.index else None)
+                for seed in sorted(rows["seed"].unique())
+            },
         }
     return result
+
+
+def render_speed(slopes: Mapping[str, Mapping]) -> str:
+    """One sentence: the epochs each model took to reach the threshold of `convergence`, seed by seed."""
+    if not slopes:
+        return ""
+    threshold = next(iter(slopes.values()))["threshold"]
+    parts = []
+    for model, slope in slopes.items():
+        epochs = [epoch for epoch in slope["epochs_to_threshold"].values() if epoch is not None]
+        missing = len(slope["epochs_to_threshold"]) - len(epochs)
+        if not epochs:
+            parts.append(f"{model} never")
+            continue
+        span = f"{min(epochs)}" if min(epochs) == max(epochs) else f"{min(epochs)}-{max(epochs)}"
+        parts.append(f"{model} {span}" + (f" ({missing} seed{'s' * (missing > 1)} never)" if missing else ""))
+    return (
+        f"Epochs until the running training error first fell below {100 * threshold:g}%: "
+        + "; ".join(parts)
+        + "."
+    )
 
 
 def curves_frame(histories: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
@@ -855,6 +890,9 @@ def render_report(
         if falling
         else "Every net's training error had flattened over the last epochs."
     )
+    speed_note = render_speed(slopes)
+    if speed_note:
+        convergence_note += " " + speed_note
     seeds_section = ""
     if seeds_markdown:
         seeds_section = f"\n### Seed by seed: the errors the tests compare\n\n{seeds_markdown}\n"

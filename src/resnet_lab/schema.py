@@ -128,6 +128,7 @@ class Tracking:
 class Convergence:
     window: int
     max_decrease: float
+    threshold: float
 
 
 @dataclass
