@@ -4,20 +4,15 @@
     python -m resnet_lab.bench --models resnet34 keras.ResNet50 --image-size 32 --batch-size 64 --mlflow
     python -m resnet_lab.bench --pipeline-only --image-size 16 224     # make_dataset alone, no model
 
-Every combination of `--models`, `--image-size`, `--batch-size` and `--input` is a case (defaults: the
-study's). A case builds and compiles its model as `train` does (`build_from_config`, `compile_model`,
-the strategy and precision of `trainer`) and trains it with Keras `fit`; a callback reads each step's loss,
-which waits for the step to finish, and stamps the time. The warm-up steps absorb tracing and XLA
-compilation; the median of the timed steps gives the throughput. The `pipeline` input is the training
-`make_dataset` over the prepared dataset; `memory` is one of its batches, repeated.
-
-`keras.ResNet50` is `keras.applications.ResNet50(weights=None)` in this process, compiled with Keras's
-defaults but our optimizer and loss. Keras refuses images under 32 px, so it runs at 32 px at least.
+A case builds, compiles and fits its model as `train` does (`build_from_config`, `compile_model`, the
+strategy and precision of `trainer`); a callback stamps the end of each step. The warm-up steps absorb
+tracing and XLA compilation; the median of the timed steps gives the throughput. The `pipeline` input is
+the training `make_dataset`; `memory` is one of its batches, repeated. `keras.ResNet50` is
+`keras.applications.ResNet50(weights=None)`, compiled with our optimizer and loss, at 32 px at least
+(Keras refuses smaller images).
 
 FLOPs: 6 per multiply-accumulate of the conv and dense layers (2 per MAC; a training step costs about
 three forward passes), set against a dense matmul measured here before and after the cases, best kept.
-
-KEY=VALUE arguments are Hydra overrides of conf/, e.g. `paths.data_dir=/data/tfds model.width=64`.
 """
 
 from __future__ import annotations
@@ -38,6 +33,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from resnet_lab.config import compose
 from resnet_lab.errors import ConfigError, cli
 
 INPUTS = ("pipeline", "memory")
@@ -119,9 +115,9 @@ def check(settings: Settings, overrides: Sequence[str] = ()) -> Plan:
     for name in ours:
         get_arch(name)
 
-    base = _compose(overrides)
+    base = compose(overrides)
     cfgs = {None: base, KERAS_REFERENCE: base}
-    cfgs.update({name: _compose([*overrides, f"model={name}"]) for name in ours})
+    cfgs.update({name: compose([*overrides, f"model={name}"]) for name in ours})
     for name, cfg in cfgs.items():
         validate(cfg)
         stem = cfg.model.get("stem") or get_arch(cfg.model.name).layout
@@ -133,17 +129,6 @@ def check(settings: Settings, overrides: Sequence[str] = ()) -> Plan:
             )
     spec = data_spec(base)
     return Plan(cfgs, spec.input_shape[-1], spec.num_classes, tuple(overrides))
-
-
-def _compose(overrides: Sequence[str]) -> DictConfig:
-    from hydra.errors import HydraException
-
-    from resnet_lab.config import compose
-
-    try:
-        return compose(overrides)
-    except HydraException as exc:
-        raise ConfigError(str(exc).strip().splitlines()[0]) from None
 
 
 def bench(settings: Settings, plan: Plan) -> dict:
@@ -196,6 +181,7 @@ def bench(settings: Settings, plan: Plan) -> dict:
 
 def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
     """Time one case's steps: training steps of its model, or batches of the pipeline alone."""
+    import keras
     import numpy as np
     import tensorflow as tf
 
@@ -210,17 +196,17 @@ def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
     dataset = make_dataset("train", cfg, training=True).repeat()
     model = None
     if case.model is None:
-        batches, ends = iter(dataset), []
-        for _ in range(total_steps):
-            next(batches)
-            ends.append(time.perf_counter())
+        ends = [time.perf_counter() for _ in dataset.take(total_steps)]
     else:
         if case.input == "memory":
             dataset = tf.data.Dataset.from_tensors(next(iter(dataset))).repeat()
         model = _compiled_model(case, cfg, plan, strategy, total_steps)
-        clock = _step_clock()
+        ends = []
+        # Not async-safe, so Keras turns each step's logs into Python numbers first: that waits for the step.
+        clock = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter())
+        )
         model.fit(dataset, epochs=1, steps_per_epoch=total_steps, callbacks=[clock], shuffle=False, verbose=0)
-        ends = clock.ends
     # Differences of the ends: the first step, which starts the iterator and traces, is never timed.
     step_times = [float(t) for t in np.diff(ends)[settings.warmup_steps - 1 :]]
     step_time = statistics.median(step_times)
@@ -262,23 +248,6 @@ def _compiled_model(case: Case, cfg: DictConfig, plan: Plan, strategy, steps: in
             metrics=["accuracy"],
         )
         return model
-
-
-def _step_clock():
-    """A Keras callback whose `ends` holds the time each training step finished."""
-    import keras
-
-    class StepClock(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.ends: list[float] = []
-
-        def on_train_batch_end(self, batch, logs=None):
-            # A callback that is not async-safe gets its logs as Python numbers: this waits for the step.
-            float(logs["loss"])
-            self.ends.append(time.perf_counter())
-
-    return StepClock()
 
 
 def matmul_ceiling(dtype: str = "float32") -> dict:
@@ -423,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # KEY=VALUE anywhere is a Hydra override, so one cannot end up in the list of an option before it.
     overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
     args = _parser().parse_args([arg for arg in argv if arg not in overrides])
-    study = _compose(overrides)
+    study = compose(overrides)
     settings = Settings(
         models=(None,) if args.pipeline_only else tuple(args.models or study.study.models),
         image_sizes=tuple(args.image_size or [study.data.image_size]),
