@@ -39,13 +39,11 @@ class DataSpec:
     """What a model and a training loop need to know about the prepared dataset.
 
     Attributes:
-        name: the TFDS dataset name.
         class_names: one name per label value.
         input_shape: (height, width, channels) of the images `make_dataset` yields.
         num_examples: examples per split ("train", "validation", "test").
     """
 
-    name: str
     class_names: tuple[str, ...]
     input_shape: tuple[int, int, int]
     num_examples: dict[str, int]
@@ -55,27 +53,19 @@ class DataSpec:
         return len(self.class_names)
 
     def num_batches(self, split: str, batch_size: int, *, training: bool) -> int:
-        """Batches `make_dataset(split, cfg, training=training)` yields per pass (steps per epoch).
+        """Batches of the global `batch_size` that `make_dataset` yields per pass (steps per epoch).
 
-        Args:
-            split: "train", "validation" or "test".
-            batch_size: the global batch size.
-            training: training drops the last partial batch.
+        Training drops the last partial batch.
         """
         count = self.num_examples[split]
         return count // batch_size if training else math.ceil(count / batch_size)
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str, *, decoders=None) -> tf.data.Dataset:
-    """A TFDS split as example dicts, in the on-disk order that split indices refer to.
+    """A TFDS split as example dicts, unbatched, in the on-disk order that split indices refer to.
 
     Args:
-        builder: a prepared builder.
-        split: a TFDS split name.
         decoders: TFDS `decoders`, e.g. to skip decoding images that a filter will drop.
-
-    Returns:
-        The examples, unbatched and unshuffled.
     """
     # One shard at a time keeps the order fixed; no TFDS autocache, the pipeline caches after decoding.
     read_config = tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False)
@@ -144,12 +134,8 @@ def dataset_info(cfg: DictConfig) -> dict:
 
 
 def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 # (path, size, mtime) of the TFDS files already verified by this process: a run reads the description
@@ -176,52 +162,27 @@ def _check_tfds_files(data_dir: Path, files: dict) -> None:
         _VERIFIED.add(key)
 
 
-_REQUIRED_FIELDS = (
-    *(
-        "name",
-        "version",
-        "class_names",
-        "image_shape",
-        "tfds_splits",
-        "normalization.mean",
-        "normalization.std",
-        "tfds_files",
-    ),
-    *(
-        f"splits.{split}.{key}"
-        for split in SPLITS
-        for key in ("source", "indices", "indices_sha256", "num_examples")
-    ),
-)
+# What a reader uses: a damaged description fails in `dataset_info`, not in the middle of a pipeline.
+_FIELDS = "name version class_names image_shape tfds_splits normalization.mean normalization.std tfds_files"
+_SPLIT_FIELDS = "source indices indices_sha256 num_examples"
 
 
 def _missing_fields(info: dict) -> list[str]:
-    """The dotted fields a reader uses that `info` lacks, so a damaged file fails here, not in a pipeline."""
-    missing = []
-    for field in _REQUIRED_FIELDS:
-        node = info
-        for key in field.split("."):
-            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
-        if node is _ABSENT:
-            missing.append(field)
-    return missing
+    """The dotted fields of `_FIELDS`, and of `_SPLIT_FIELDS` for every split, that `info` lacks."""
+
+    def has(node, keys: list[str]) -> bool:
+        return not keys or (isinstance(node, dict) and keys[0] in node and has(node[keys[0]], keys[1:]))
+
+    split_fields = [f"splits.{split}.{key}" for split in SPLITS for key in _SPLIT_FIELDS.split()]
+    return [field for field in _FIELDS.split() + split_fields if not has(info, field.split("."))]
 
 
-_ABSENT = object()
-
-
-def data_spec(cfg: DictConfig, info: dict | None = None) -> DataSpec:
-    """Classes, input shape and split sizes for a model and a training loop.
-
-    Args:
-        cfg: the composed configuration.
-        info: `dataset_info(cfg)`, when the caller already has it.
-    """
-    info = dataset_info(cfg) if info is None else info
+def data_spec(cfg: DictConfig) -> DataSpec:
+    """Classes, input shape and split sizes of the prepared dataset, for a model and a training loop."""
+    info = dataset_info(cfg)
     size = cfg.data.image_size
     channels = info["image_shape"][-1]
     return DataSpec(
-        name=info["name"],
         class_names=tuple(info["class_names"]),
         input_shape=(size, size, channels),
         num_examples={split: info["splits"][split]["num_examples"] for split in SPLITS},
