@@ -2,24 +2,13 @@
 
 `python -m resnet_lab.prepare [--params params.yaml] [key=value ...]` builds `data.name` into
 `paths.data_dir` with TFDS's own `download_and_prepare`, splits TFDS's `train` split into train and
-validation (stratified by label, drawn with `data.split_seed`), and writes
-`<paths.prepared_dir>/<data.name>` (`resnet_lab.data.prepared_dir`):
-
-- `train_indices.npy`, `validation_indices.npy`: sorted int64 example indices into TFDS's `train` split
-  (see `resnet_lab.data` for what an index means), never copies of the images.
-- `dataset.json`:
-    - `format_version`: 2.
-    - `name`, `version`: the TFDS dataset (as `data.name` gives it) and the version prepared.
-    - `class_names`: one per label value; `image_shape`: the stored [H, W, C], null where sizes vary.
-    - `seed` (`data.split_seed`), `validation_fraction`: what drew the split.
-    - `tfds_splits`: examples in each TFDS split read (the range of the indices).
-    - `splits`: for "train", "validation" and "test": `source` (the TFDS split read), `indices` (the
-      index file, or null for the whole source split), `indices_sha256` (of the file's bytes),
-      `num_examples` and `class_counts` (class name -> examples).
-    - `normalization`: per-channel `mean` and `std` of the train split's pixels, scaled to [0, 1], at the
-      stored resolution.
-    - `tfds_files`: every file TFDS wrote for the dataset (its path under `paths.data_dir`) -> `bytes`
-      and `sha256`, so a truncated or altered shard is caught before training reads it.
+validation (stratified by label, drawn with `data.split_seed`), and writes into
+`<paths.prepared_dir>/<data.name>` the index files `<split>_indices.npy` (sorted int64 indices into TFDS's
+`train` split, see `resnet_lab.data`; never copies of the images) and `dataset.json`: per split its TFDS
+`source`, its index file (null for a whole TFDS split) and that file's sha256, its class counts; the
+per-channel `normalization` of the train split's pixels in [0, 1] at the stored resolution; and the size
+and sha256 of every file TFDS wrote (`tfds_files`), so a truncated or altered shard is caught before
+training reads it.
 
 The test split is TFDS's `test`, else its `validation` (imagenette), else a stratified
 `data.validation_fraction` of `train` held out before the validation split (tf_flowers; then
@@ -112,17 +101,17 @@ def prepare(cfg: DictConfig) -> dict:
     index_files = {"train": train_indices, "validation": validation_indices}
     if test_source is None:
         index_files["test"] = test_indices
-    files = {f"{split}_indices.npy": _npy_bytes(indices) for split, indices in index_files.items()}
-    tfds_splits = {"train": len(labels)}
-    splits = {}
+    files, splits = {}, {}
     for split, indices in index_files.items():
         file = f"{split}_indices.npy"
+        files[file] = _npy_bytes(indices)
         splits[split] = {
             "source": "train",
             "indices": file,
             "indices_sha256": hashlib.sha256(files[file]).hexdigest(),
             **_counts(labels[indices], class_names),
         }
+    tfds_splits = {"train": len(labels)}
     if test_source is not None:
         test_labels = _labels(builder, test_source)
         tfds_splits[test_source] = len(test_labels)
@@ -150,10 +139,9 @@ def prepare(cfg: DictConfig) -> dict:
 def ensure_prepared(cfg: DictConfig) -> dict:
     """The description of `data.name` as `cfg` would prepare it, preparing it first where it is not.
 
-    What a Hydra run (`python -m resnet_lab.train data=cifar10`) does before it trains; the DVC pipeline
-    has its own `prepare` stage. A dataset not prepared yet, or split with another `data.split_seed` or
-    `data.validation_fraction`, is prepared; a damaged one is an error, as in the pipeline. A lock beside
-    the prepared directories keeps the jobs of a parallel sweep from building one dataset twice at once.
+    What a Hydra run does before it trains (the DVC pipeline has its own `prepare` stage). A dataset split
+    with another `data.split_seed` or `data.validation_fraction` is prepared again; a lock keeps the jobs of
+    a parallel sweep from building one dataset twice at once.
 
     Returns:
         The description (see `prepare`).
