@@ -107,11 +107,6 @@ class ZeroPadShortcut(layers.Layer):
         extra = self.out_channels - x.shape[-1]
         return keras.ops.pad(x, [[0, 0], [0, 0], [0, 0], [extra // 2, extra - extra // 2]])
 
-    def compute_output_shape(self, input_shape):
-        batch, height, width, _ = input_shape
-        shrink = lambda size: None if size is None else -(-size // self.stride)  # noqa: E731
-        return batch, shrink(height), shrink(width), self.out_channels
-
     def get_config(self):
         return {**super().get_config(), "stride": self.stride, "out_channels": self.out_channels}
 
@@ -125,13 +120,13 @@ class _Options:
     regularizer: keras.regularizers.Regularizer | None
 
 
-def _conv(x, filters, kernel_size, stride, name, opts: _Options):
+def _conv(x, filters, kernel_size, stride, name, opts: _Options, *, padding="same"):
     # No bias: a BatchNormalization follows every conv and its beta plays that part.
     return layers.Conv2D(
         filters,
         kernel_size,
         strides=stride,
-        padding="same",
+        padding=padding,
         use_bias=False,
         kernel_initializer="he_normal",
         kernel_regularizer=opts.regularizer,
@@ -214,17 +209,14 @@ def build_model(
         input_shape: (height, width, channels) of one image.
         stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (one 3x3/1 conv, for small images);
             None takes the layout's own.
-        shortcut: "A" (parameter-free: subsample and zero-pad channels) or "B" (1x1 conv + BN projection)
-            where the shape changes; identity elsewhere. None takes the layout's own (B for ImageNet,
-            A for CIFAR, as in the paper). Ignored by plain nets.
-        zero_init_residual: start the last BN of each residual unit at gamma 0, so every unit starts as
-            the identity.
+        shortcut: where the shape changes, "A" (subsample and zero-pad channels) or "B" (1x1 conv + BN
+            projection); None takes the layout's own (B for ImageNet, A for CIFAR). Plain nets have none.
+        zero_init_residual: start the last BN of each residual unit at gamma 0, so it starts as the identity.
         bn_momentum: Keras's BatchNormalization momentum (0.9 is PyTorch's 0.1).
-        weight_decay: SGD-style weight decay on conv and dense kernels; applied as an L2 penalty of
-            weight_decay / 2 so its gradient is weight_decay * w, as in the paper's 1e-4.
-        width: filters of the first stage (the stem's too), doubled at every later stage, as
-            torchvision's and timm's builders allow; None takes the layout's own (64 for ImageNet, 16 for
-            CIFAR). Depth and unit structure stay the paper's; only the channel counts shrink.
+        weight_decay: on conv and dense kernels, as an L2 penalty of weight_decay / 2, whose gradient is the
+            paper's weight_decay * w.
+        width: filters of the first stage (and the stem), doubled at every later stage; None takes the
+            layout's own (64 for ImageNet, 16 for CIFAR). Only channel counts change, not the structure.
 
     Returns:
         An uncompiled `keras.Model` named `name` that outputs class probabilities in float32, also under a
@@ -269,10 +261,7 @@ def build_model(
     inputs = keras.Input(shape=input_shape, name="image")
     if stem == "imagenet":
         x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
-        x = layers.Conv2D(
-            stage_filters[0], 7, strides=2, use_bias=False, kernel_initializer="he_normal",
-            kernel_regularizer=opts.regularizer, name="conv1_conv",
-        )(x)  # fmt: skip
+        x = _conv(x, stage_filters[0], 7, 2, "conv1", opts, padding="valid")
         x = layers.Activation("relu", name="conv1_relu")(_bn(x, "conv1", opts))
         x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
         x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
