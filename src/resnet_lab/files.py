@@ -53,26 +53,22 @@ def replace_directory(prepared_dir: Path, files: dict[str, bytes]) -> None:
     The previous directory is moved aside before the rename and removed only after it, so a failure at
     any point leaves either the old directory or the new one, complete.
     """
-    parent = prepared_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    prepared_dir.parent.mkdir(parents=True, exist_ok=True)
     token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = parent / f".{prepared_dir.name}.new-{token}"
-    stale = parent / f".{prepared_dir.name}.old-{token}"
+    staging = prepared_dir.with_name(f".{prepared_dir.name}.new-{token}")
+    stale = prepared_dir.with_name(f".{prepared_dir.name}.old-{token}")
     staging.mkdir()
     try:
         for name, content in files.items():
             (staging / name).write_bytes(content)
-        had_previous = prepared_dir.exists()
-        if had_previous:
+        if prepared_dir.exists():
             prepared_dir.rename(stale)
         try:
             staging.rename(prepared_dir)
         except OSError:
-            if had_previous:
+            if stale.exists():
                 stale.rename(prepared_dir)
             raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if had_previous:
-        shutil.rmtree(stale, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # already gone once renamed into place
+    shutil.rmtree(stale, ignore_errors=True)
