@@ -86,9 +86,9 @@ def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: i
             boundaries=[int(m * total_steps) for m in schedule.milestones],
             values=[learning_rate * schedule.factor**i for i in range(len(schedule.milestones) + 1)],
         )
+    elif not warmup_steps:
+        return learning_rate
     else:
-        if not warmup_steps:
-            return learning_rate
         after = keras.optimizers.schedules.PiecewiseConstantDecay(
             [total_steps], [learning_rate, learning_rate]
         )

@@ -17,15 +17,8 @@ _TEST_FRACTION = 0.2
 _SPLIT_SEED = 0
 
 
-def official_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The deterministic stratified 80/20 train/test split of `load_digits` (1,437/360).
-
-    Args:
-        labels: the class of every example, in `load_digits` order.
-
-    Returns:
-        The sorted example indices of the train and of the test split.
-    """
+def _official_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted `load_digits` indices of the train and the test split: stratified 80/20 (1,437/360)."""
     from sklearn.model_selection import train_test_split
 
     train, test = train_test_split(
@@ -67,7 +60,7 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
         digits = load_digits()
         images = np.round(digits.images * (255 / _MAX_INK)).astype(np.uint8)[..., np.newaxis]
-        train, test = official_split(digits.target)
+        train, test = _official_split(digits.target)
         return {
             "train": self._generate_examples(images, digits.target, train),
             "test": self._generate_examples(images, digits.target, test),
