@@ -1,4 +1,4 @@
-"""The degradation report's pure parts: the verdict, the per-model table, the figures, and atomic output.
+"""The degradation report's pure parts: the verdict, the per-model table and the figures.
 
 The question is the one of He et al. 2015 (arXiv:1512.03385), Sec. 4.1 and Fig. 4: does a deeper plain
 net end with higher *training* error than a shallower one (the degradation problem, which is not
@@ -111,26 +111,6 @@ def check_design(models: Sequence[str], claims: Sequence[Mapping], *, alpha: flo
         )
 
 
-def welch(subject: Sequence[float], reference: Sequence[float]) -> tuple[float, float, float]:
-    """Difference of means, its standard error and Welch-Satterthwaite degrees of freedom.
-
-    Returns:
-        (mean(subject) - mean(reference), standard error, degrees of freedom); the degrees of freedom are
-        infinite when both samples have no spread (the standard error is then 0).
-    """
-    subject, reference = np.asarray(subject, dtype=float), np.asarray(reference, dtype=float)
-    var_s, var_r = subject.var(ddof=1) / subject.size, reference.var(ddof=1) / reference.size
-    se = math.sqrt(var_s + var_r)
-    if se < 1e-12:  # identical errors in every seed, up to float rounding
-        var_s = var_r = se = 0.0
-    df = (
-        (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1))
-        if se
-        else math.inf
-    )
-    return float(subject.mean() - reference.mean()), se, df
-
-
 @functools.cache
 def _u_counts(n_subject: int, n_reference: int) -> np.ndarray:
     """How many of the orderings of two tie-free samples give each Mann-Whitney U, 0 to n_s * n_r."""
@@ -144,24 +124,17 @@ def _u_counts(n_subject: int, n_reference: int) -> np.ndarray:
     return counts
 
 
-def _rank_order(n_subject: int, n_reference: int, level: float) -> int:
-    """How many of the sorted pairwise differences lie below Moses's one-sided bound at `level`."""
-    counts = _u_counts(n_subject, n_reference)
-    return int(np.sum(np.cumsum(counts) / counts.sum() <= level))
-
-
-def smallest_p(test: str, n_subject: int, n_reference: int) -> float:
-    """The smallest one-sided p-value `test` can reach with these numbers of seeds (0 for Welch)."""
-    return 1 / math.comb(n_subject + n_reference, n_subject) if test == "rank" else 0.0
-
-
 def _welch_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, threshold: float, side: str):
+    """Welch's t-test on the difference of means, with Welch-Satterthwaite degrees of freedom."""
     from scipy import stats
 
-    difference, se, df = welch(subject, reference)
-    if se == 0:  # no spread at all: the difference decides
+    difference = float(subject.mean() - reference.mean())
+    var_s, var_r = subject.var(ddof=1) / subject.size, reference.var(ddof=1) / reference.size
+    se = math.sqrt(var_s + var_r)
+    if se < 1e-12:  # identical errors in every seed, up to float rounding: the difference decides
         holds = difference > threshold if side == "greater" else difference < threshold
         return difference, (difference, difference), (difference, difference), 0.0 if holds else 1.0
+    df = (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1))
     half_width, one_sided = stats.t.ppf(0.975, df) * se, stats.t.ppf(1 - alpha, df) * se
     z = (difference - threshold) / se
     p_value = float(stats.t.sf(z, df) if side == "greater" else stats.t.cdf(z, df))
@@ -181,9 +154,11 @@ def _rank_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, thre
     exact = stats.PermutationMethod(n_resamples=100_000, rng=0)
     p_value = stats.mannwhitneyu(subject - threshold, reference, alternative=side, method=exact).pvalue
     differences = np.sort(np.subtract.outer(subject, reference).ravel())
+    counts = _u_counts(subject.size, reference.size)
+    cumulative = np.cumsum(counts) / counts.sum()
 
     def bounds(level: float) -> tuple[float, float]:
-        k = _rank_order(subject.size, reference.size, level)
+        k = int(np.sum(cumulative <= level))  # the sorted differences below Moses's one-sided bound
         return (differences[k - 1], differences[-k]) if k else (-math.inf, math.inf)
 
     return float(np.median(differences)), bounds(0.025), bounds(alpha), float(p_value)
@@ -232,10 +207,8 @@ def decide_claim(
     - non_inferior: H1 d < margin. Shown when p < alpha (the upper one-sided bound is below the margin);
       contradicted when the lower bound is above it (significantly worse by more than the margin).
 
-    `welch` is the one-sided Welch t-test with t-intervals; `rank` the one-sided Mann-Whitney U test
-    (exact over the splits of the seeds) with Moses's distribution-free bounds on the shift, which needs
-    no normal errors and no equal spreads. One-sided bounds are at level 1 - alpha; the reported interval
-    is the two-sided 95% one.
+    One-sided bounds are at level 1 - alpha; the reported interval is the two-sided 95% one. The rank
+    test needs no normal errors and no equal spreads.
 
     Args:
         claim: `key`, `subject`, `reference`, `hypothesis` (an entry of `study.claims`).
@@ -257,14 +230,7 @@ def decide_claim(
         "hypothesis": hypothesis,
         "test": test,
         "models": [subject, reference],
-        "means": None,
-        "sds": None,
-        "seeds": None,
-        "difference": None,
-        "ci95": None,
-        "bound": None,
-        "p_value": None,
-    }
+    } | dict.fromkeys(("means", "sds", "seeds", "difference", "ci95", "bound", "p_value"))
     absent = [name for name in (subject, reference) if not errors.get(name)]
     if absent:
         return result | {"outcome": MISSING, "reason": f"no results for {' or '.join(absent)}"}
@@ -281,7 +247,9 @@ def decide_claim(
             "reason": f"{summary}; untested: fewer than {MIN_SEEDS_FOR_TEST} seeds per model",
         }
 
-    if (floor := smallest_p(test, *result["seeds"].values())) >= alpha:
+    # Exact over the splits of the seeds, the rank test's p cannot fall below one split in all of them.
+    floor = 1 / math.comb(sum(result["seeds"].values()), result["seeds"][subject]) if test == "rank" else 0.0
+    if floor >= alpha:
         return result | {
             "outcome": UNTESTED,
             "reason": f"{summary}; untested: with these seeds the {test_name} test's p is at least "
@@ -294,16 +262,14 @@ def decide_claim(
     )
     result |= {"difference": difference, "ci95": list(ci95), "p_value": p_value}
     if hypothesis == "greater":
-        result["bound"] = lower_bound
-        shown, contradicted = p_value < alpha, upper_bound < 0
+        result["bound"], contradicted = lower_bound, upper_bound < 0
         bound_text = f"lower {100 * (1 - alpha):g}% bound {_points(lower_bound)}"
     else:
-        result["bound"] = upper_bound
-        shown, contradicted = p_value < alpha, lower_bound > threshold
+        result["bound"], contradicted = upper_bound, lower_bound > threshold
         bound_text = f"upper {100 * (1 - alpha):g}% bound {_points(upper_bound)}"
         if hypothesis == "non_inferior":
             bound_text += f" against the margin {_points(margin)}"
-    outcome = SHOWN if shown else CONTRADICTED if contradicted else NOT_SHOWN
+    outcome = SHOWN if p_value < alpha else CONTRADICTED if contradicted else NOT_SHOWN
     evidence = f"95% CI [{_points(ci95[0])}, {_points(ci95[1])}], {bound_text}, one-sided {test_name} p"
     evidence += f" = {p_value:.3g}"
     summary += f", {estimate_name} {_points(difference)} points"
@@ -328,9 +294,7 @@ def verdict(
     Args:
         final_train_errors: model name -> final training error (a fraction) of each seed.
         claims: the study's claims (`study.claims`).
-        alpha: the study's significance level.
-        margin: the non-inferiority margin (a fraction).
-        test: a key of TESTS (`study.test`).
+        alpha, margin, test: as for `decide_claim`.
 
     Returns:
         A JSON-able dict: `answer` ("yes", "no" or "inconclusive"), a one-paragraph `text`, `alpha`,
@@ -342,25 +306,17 @@ def verdict(
     ]
     contradicted = [c for c in comparisons if c["outcome"] == CONTRADICTED]
     not_shown = [c for c in comparisons if c["outcome"] != SHOWN]
-    if not comparisons:
-        answer, text = "inconclusive", "Inconclusive: the study registers no claims."
-    elif contradicted:
-        answer = "no"
-        text = "No: " + "; ".join(f"{c['key']} is contradicted, {c['reason']}" for c in contradicted) + "."
-    elif not_shown:
+    lead = ""
+    if contradicted:
+        answer, findings = "no", [f"{c['key']} is contradicted, {c['reason']}" for c in contradicted]
+    elif not_shown or not comparisons:
         answer = "inconclusive"
-        text = (
-            "Inconclusive: "
-            + "; ".join(f"{c['key']} is {c['outcome']}, {c['reason']}" for c in not_shown)
-            + "."
-        )
+        findings = [f"{c['key']} is {c['outcome']}, {c['reason']}" for c in not_shown]
+        findings = findings or ["the study registers no claims"]
     else:
-        answer = "yes"
-        text = (
-            f"Yes: every claim is shown at alpha {alpha:g}: "
-            + "; ".join(f"{c['claim']}, {c['reason']}" for c in comparisons)
-            + "."
-        )
+        answer, lead = "yes", f"every claim is shown at alpha {alpha:g}: "
+        findings = [f"{c['claim']}, {c['reason']}" for c in comparisons]
+    text = f"{answer.capitalize()}: {lead}{'; '.join(findings)}."
     result = {"answer": answer, "text": text, "alpha": alpha, "margin": margin, "test": test}
     for comparison in comparisons:
         result[f"{comparison['key']}_difference"] = comparison["difference"]
@@ -454,15 +410,9 @@ def curves_frame(histories: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFr
             problem = f"lacks columns {absent}" if absent else "has no epochs"
             raise ValueError(f"history of {model} seed {seed} {problem}; it has {list(history.columns)}")
         frames.append(
-            pd.DataFrame(
-                {
-                    "model": model,
-                    "seed": int(seed),
-                    "epoch": history["epoch"].astype(int).to_numpy(),
-                    "train_error": history["error"].astype(float).to_numpy(),
-                    "val_error": history["val_error"].astype(float).to_numpy(),
-                }
-            )
+            history.astype({"epoch": int, "error": float, "val_error": float})
+            .rename(columns={"error": "train_error"})
+            .assign(model=model, seed=int(seed))[list(CURVE_COLUMNS)]
         )
     if not frames:
         return pd.DataFrame({column: [] for column in CURVE_COLUMNS})
@@ -640,17 +590,9 @@ def plot_confusion_matrix(
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     if len(class_names) <= 20:
-        for actual, predicted in np.ndindex(counts.shape):
+        for (actual, predicted), count in np.ndenumerate(counts):
             shade = "white" if fractions[actual, predicted] > 0.5 else "black"
-            ax.text(
-                predicted,
-                actual,
-                str(counts[actual, predicted]),
-                ha="center",
-                va="center",
-                color=shade,
-                fontsize="small",
-            )
+            ax.text(predicted, actual, str(count), ha="center", va="center", color=shade, fontsize="small")
     if title:
         ax.set_title(title)
     path = Path(path)
@@ -697,14 +639,9 @@ def member_record(summary: Mapping, evaluation: Mapping | None = None) -> dict:
 
 # The member-record numbers that vary across seeds, so the table shows their mean and spread.
 _TABLE_NUMBERS = (
-    "train_error",
-    "running_train_error",
-    "final_val_error",
-    "test_error",
-    "epochs",
-    "train_time_s",
+    "train_error", "running_train_error", "final_val_error", "test_error", "epochs", "train_time_s",
     "images_per_sec",
-)
+)  # fmt: skip
 
 
 def model_table(records: Sequence[Mapping]) -> pd.DataFrame:
@@ -726,10 +663,8 @@ def model_table(records: Sequence[Mapping]) -> pd.DataFrame:
         seeds=("seed", "nunique"),
         params=("params", "first"),
         macs=("macs", "first"),
+        **{f"{number}_{stat}": (number, stat) for number in _TABLE_NUMBERS for stat in ("mean", "std")},
     )
-    for number in _TABLE_NUMBERS:
-        table[f"{number}_mean"] = grouped[number].mean()
-        table[f"{number}_std"] = grouped[number].std(ddof=1)
     return table.reset_index()
 
 
@@ -740,7 +675,8 @@ def _count(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _mean_std(mean: float, std: float, fmt: str) -> str:
+def _mean_std(row: Mapping, number: str, fmt: str, scale: float = 1) -> str:
+    mean, std = scale * row[f"{number}_mean"], scale * row[f"{number}_std"]
     if math.isnan(mean):
         return "n/a"
     return f"{mean:{fmt}} ± {std:{fmt}}" if not math.isnan(std) else f"{mean:{fmt}}"
@@ -759,48 +695,41 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
         "Slope, last epochs (pts/epoch)", "Val. err. (%)", "Test err. (%)", "Epochs", "Train time (s)",
         "Images/s",
     ]  # fmt: skip
-    alignments = ["---"] + ["---:"] * (len(headings) - 1)
-    lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(alignments) + "|"]
-    for row in table.itertuples(index=False):
-        row = row._asdict()
+    lines = ["| " + " | ".join(headings) + " |", "|---|" + "---:|" * (len(headings) - 1)]
+    for row in table.to_dict("records"):
         slope = slopes.get(row["model"])
         slope_cell = "n/a"
         if slope:
             slope_cell = f"{100 * slope['slope']:+.3f}" + ("" if slope["converged"] else " (still falling)")
         cells = [row["model"], str(row["seeds"]), _count(row["params"]), _count(row["macs"])]
-        for number in ("train_error", "running_train_error"):
-            cells.append(_mean_std(100 * row[f"{number}_mean"], 100 * row[f"{number}_std"], ".2f"))
+        cells += [_mean_std(row, number, ".2f", 100) for number in ("train_error", "running_train_error")]
         cells.append(slope_cell)
-        for number in ("final_val_error", "test_error"):
-            cells.append(_mean_std(100 * row[f"{number}_mean"], 100 * row[f"{number}_std"], ".2f"))
-        cells.append(_mean_std(row["epochs_mean"], row["epochs_std"], ".0f"))
-        cells.append(_mean_std(row["train_time_s_mean"], row["train_time_s_std"], ".1f"))
-        cells.append(_mean_std(row["images_per_sec_mean"], row["images_per_sec_std"], ".0f"))
+        cells += [_mean_std(row, number, ".2f", 100) for number in ("final_val_error", "test_error")]
+        cells += [_mean_std(row, "epochs", ".0f"), _mean_std(row, "train_time_s", ".1f")]
+        cells.append(_mean_std(row, "images_per_sec", ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def render_comparisons(result: Mapping) -> str:
     """Render the verdict's claims as a Markdown table."""
-    estimate = TESTS[result.get("test", "welch")].estimate
-    estimate = estimate[0].upper() + estimate[1:]
+    test = TESTS[result.get("test", "welch")]
+    estimate = test.estimate[0].upper() + test.estimate[1:]
     lines = [
         f"| Claim | Test | Mean clean training error | {estimate} (pts) | 95% CI (pts) "
-        "| One-sided bound (pts) "
-        "| p | Outcome |",
+        "| One-sided bound (pts) | p | Outcome |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    name = TESTS[result.get("test", "welch")].name
     alternatives = {"greater": "d > 0", "less": "d < 0", "non_inferior": f"d < {_points(result['margin'])}"}
     for c in result["comparisons"]:
-        test = f"{name}, H1: {alternatives[c['hypothesis']]}"
+        h1 = f"{test.name}, H1: {alternatives[c['hypothesis']]}"
         means = " vs ".join(_pct(mean) for mean in c["means"].values()) if c["means"] else "—"
         difference = _points(c["difference"]) if c["difference"] is not None else "—"
         ci95 = f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}]" if c["ci95"] else "—"
         bound = _points(c["bound"]) if c["bound"] is not None else "—"
         p_value = f"{c['p_value']:.3g}" if c["p_value"] is not None else "—"
         lines.append(
-            f"| {c['key']}: {c['claim']} | {test} | {means} | {difference} | {ci95} | {bound} | {p_value} "
+            f"| {c['key']}: {c['claim']} | {h1} | {means} | {difference} | {ci95} | {bound} | {p_value} "
             f"| **{c['outcome']}** |"
         )
     return "\n".join(lines)
@@ -845,8 +774,7 @@ def render_design(design: Mapping) -> str:
             f"{optimizer.get('momentum')}, weight decay {optimizer['weight_decay']:g}; schedule "
             f"{design['schedule']['name']} with warm-up {design['schedule']['warmup_epochs']} epochs.",
             f"- Budget, the same for every model: {trainer['epochs']} epochs at batch "
-            f"{trainer['batch_size']}, "
-            f"{design['steps']} SGD steps.",
+            f"{trainer['batch_size']}, {design['steps']} SGD steps.",
             "- Endpoint: final training error from a clean pass over the training split in inference mode, "
             "without augmentation (the evaluate stage), per seed.",
             f"- Tests: {TESTS[design.get('test', 'welch')].design} at alpha {design['alpha']:g}; "
