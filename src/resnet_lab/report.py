@@ -77,12 +77,17 @@ def claim_text(claim: Mapping, margin: float) -> str:
 def check_design(models: Sequence[str], claims: Sequence[Mapping], *, alpha: float, margin: float) -> None:
     """Reject a study design that cannot be tested as registered, naming the first fault.
 
-    Every model takes part in a claim, every claim names two models of the study and a known hypothesis,
-    and alpha and margin are sensible.
+    Every model is named `plain<depth>` or `resnet<depth>` and takes part in a claim, every claim names two
+    models of the study and a known hypothesis, and alpha and margin are sensible.
 
     Raises:
         ValueError: the fault, in one line.
     """
+    for model in models:
+        try:
+            parse_model_name(model)
+        except ValueError as exc:
+            raise ValueError(f"study.models: {exc}") from None
     if not 0 < alpha < 0.5:
         raise ValueError(f"study.alpha must be in (0, 0.5), got {alpha!r}")
     if not 0 <= margin < 1:
