@@ -63,7 +63,7 @@ def _points(fraction: float) -> str:
 
 
 def claim_text(claim: Mapping, margin: float) -> str:
-    """The sentence a claim of `study.claims` states, e.g. "plain34 ends above plain18"."""
+    """The sentence of a `study.claims` entry, e.g. "plain34 ends with higher training error than plain18"."""
     subject, reference = claim["subject"], claim["reference"]
     return {
         "greater": f"{subject} ends with higher training error than {reference}",
@@ -107,10 +107,8 @@ def check_design(models: Sequence[str], claims: Sequence[Mapping], *, alpha: flo
                     f"study.claims.{claim.get('key')}: {role} {claim.get(role)!r} is not in study.models "
                     f"{list(models)}"
                 )
-    unclaimed = [
-        model for model in models if not any(model in (c["subject"], c["reference"]) for c in claims)
-    ]
-    if unclaimed:
+    claimed = {claim[role] for claim in claims for role in ("subject", "reference")}
+    if unclaimed := [model for model in models if model not in claimed]:
         raise ValueError(
             f"study.models {unclaimed} take part in no claim of study.claims: add one or drop them"
         )
@@ -388,11 +386,8 @@ def render_speed(slopes: Mapping[str, Mapping]) -> str:
             continue
         span = f"{min(epochs)}" if min(epochs) == max(epochs) else f"{min(epochs)}-{max(epochs)}"
         parts.append(f"{model} {span}" + (f" ({missing} seed{'s' * (missing > 1)} never)" if missing else ""))
-    return (
-        f"Epochs until the running training error first fell below {100 * threshold:g}%: "
-        + "; ".join(parts)
-        + "."
-    )
+    lead = f"Epochs until the running training error first fell below {100 * threshold:g}%"
+    return f"{lead}: {'; '.join(parts)}."
 
 
 def curves_frame(histories: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
@@ -434,14 +429,11 @@ def curves_by_model(curves: pd.DataFrame) -> pd.DataFrame:
         Column `epoch`, then `<model>_train_error` and `<model>_val_error` for each model in order of
         appearance; an epoch a model did not reach is empty.
     """
-    models = list(dict.fromkeys(curves["model"]))
-    means = curves.groupby(["model", "epoch"], sort=False)[["train_error", "val_error"]].mean()
-    wide = pd.DataFrame({"epoch": sorted(curves["epoch"].unique())})
-    for model in models:
-        per_epoch = means.loc[model]
-        wide[f"{model}_train_error"] = wide["epoch"].map(per_epoch["train_error"])
-        wide[f"{model}_val_error"] = wide["epoch"].map(per_epoch["val_error"])
-    return wide
+    means = curves.groupby(["epoch", "model"])[["train_error", "val_error"]].mean().unstack("model")
+    means.columns = [f"{model}_{curve}" for curve, model in means.columns]
+    models = dict.fromkeys(curves["model"])  # in order of appearance
+    columns = [f"{model}_{curve}" for model in models for curve in ("train_error", "val_error")]
+    return means[columns].reset_index()
 
 
 def model_colors(models: Sequence[str]) -> dict[str, tuple]:
@@ -472,19 +464,19 @@ def plot_learning_curves(curves: pd.DataFrame, path: str | os.PathLike, *, title
 
     models = list(dict.fromkeys(curves["model"]))
     present = {parse_model_name(model)[0] for model in models}
-    families = [family for family in ("plain", "residual") if family in present]
+    families = [family for family in ("plain", "residual") if family in present] or ["plain"]
     colors = model_colors(models)
     # A Figure without pyplot renders on the Agg canvas and leaves the process's backend alone.
-    figure = Figure(figsize=(6.5 * max(len(families), 1), 4.8), layout="constrained")
-    axes = figure.subplots(1, max(len(families), 1), sharey=True, squeeze=False)[0]
-    for ax, family in zip(axes, families or ["plain"], strict=True):
-        for model in models:
+    figure = Figure(figsize=(6.5 * len(families), 4.8), layout="constrained")
+    axes = figure.subplots(1, len(families), sharey=True, squeeze=False)[0]
+    for ax, family in zip(axes, families, strict=True):
+        for model, rows in curves.groupby("model", sort=False):
             if parse_model_name(model)[0] != family:
                 continue
-            per_epoch = curves[curves["model"] == model].groupby("epoch")
+            per_epoch = rows.groupby("epoch")
             train = 100 * per_epoch["train_error"].agg(["mean", "min", "max"])
             val = 100 * per_epoch["val_error"].mean()
-            seeds = curves.loc[curves["model"] == model, "seed"].nunique()
+            seeds = rows["seed"].nunique()
             color = colors[model]
             ax.plot(train.index, train["mean"], color=color, linewidth=1.0)
             label = f"{model} ({seeds} seed{'s' * (seeds > 1)})"
@@ -816,15 +808,13 @@ def render_report(
     Returns:
         The Markdown text.
     """
-    answer = {"yes": "Yes", "no": "No", "inconclusive": "Inconclusive"}[result["answer"]]
     falling = [model for model, slope in slopes.items() if not slope["converged"]]
     convergence_note = (
         f"Still falling at the end, so a longer budget may change their numbers: {', '.join(falling)}."
         if falling
         else "Every net's training error had flattened over the last epochs."
     )
-    speed_note = render_speed(slopes)
-    if speed_note:
+    if speed_note := render_speed(slopes):
         convergence_note += " " + speed_note
     seeds_section = ""
     if seeds_markdown:
@@ -839,7 +829,7 @@ Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.
 
 {render_design(design)}
 
-## Verdict: {answer}
+## Verdict: {result["answer"].capitalize()}
 
 {result["text"]}
 
