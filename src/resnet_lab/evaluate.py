@@ -239,13 +239,11 @@ def evaluate(cfg: DictConfig, *, progress: bool = True) -> dict:
     # The confusion records are for `dvc plots`; MLflow gets the numbers and the picture.
     files = [out_path, plots / f"{member}.png"]
 
-    run_id = summary.get("mlflow_run_id")
-    if not cfg.tracking.get("enabled", True):
-        pass  # tracking=off
-    elif run_id:
-        _log_to_training_run(cfg, run_id, numbers, files, step=int(summary.get("epochs", 0)))
-    else:
-        log.warning("%s has no mlflow_run_id: the evaluation is not logged to MLflow", run_dir(cfg))
+    if cfg.tracking.get("enabled", True):  # tracking=off logs nothing
+        if run_id := summary.get("mlflow_run_id"):
+            _log_to_training_run(cfg, run_id, numbers, files, step=int(summary.get("epochs", 0)))
+        else:
+            log.warning("%s has no mlflow_run_id: the evaluation is not logged to MLflow", run_dir(cfg))
     return numbers
 
 

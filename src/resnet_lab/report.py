@@ -37,10 +37,7 @@ HISTORY_COLUMNS = ("epoch", "error", "val_error")
 
 
 def parse_model_name(name: str) -> tuple[str, int]:
-    """Split a study model name into its family and depth.
-
-    Args:
-        name: e.g. "plain34" or "resnet56".
+    """Split a study model name, e.g. "plain34" or "resnet56", into its family and depth.
 
     Returns:
         ("plain" or "residual", depth in weighted layers).
@@ -234,8 +231,7 @@ def decide_claim(
         "test": test,
         "models": [subject, reference],
     } | dict.fromkeys(("means", "sds", "seeds", "difference", "ci95", "bound", "p_value"))
-    absent = [name for name in (subject, reference) if not errors.get(name)]
-    if absent:
+    if absent := [name for name in (subject, reference) if not errors.get(name)]:
         return result | {"outcome": MISSING, "reason": f"no results for {' or '.join(absent)}"}
     samples = {name: np.asarray(errors[name], dtype=float) for name in (subject, reference)}
     result["means"] = {name: float(values.mean()) for name, values in samples.items()}
@@ -244,20 +240,17 @@ def decide_claim(
     }
     result["seeds"] = {name: int(values.size) for name, values in samples.items()}
     summary = f"{subject} {_pct(result['means'][subject])} vs {reference} {_pct(result['means'][reference])}"
-    if min(result["seeds"].values()) < MIN_SEEDS_FOR_TEST:
-        return result | {
-            "outcome": UNTESTED,
-            "reason": f"{summary}; untested: fewer than {MIN_SEEDS_FOR_TEST} seeds per model",
-        }
-
     # Exact over the splits of the seeds, the rank test's p cannot fall below one split in all of them.
     floor = 1 / math.comb(sum(result["seeds"].values()), result["seeds"][subject]) if test == "rank" else 0.0
-    if floor >= alpha:
-        return result | {
-            "outcome": UNTESTED,
-            "reason": f"{summary}; untested: with these seeds the {test_name} test's p is at least "
-            f"{floor:.3g}, not below alpha {alpha:g}",
-        }
+    untested = ""
+    if min(result["seeds"].values()) < MIN_SEEDS_FOR_TEST:
+        untested = f"fewer than {MIN_SEEDS_FOR_TEST} seeds per model"
+    elif floor >= alpha:
+        untested = (
+            f"with these seeds the {test_name} test's p is at least {floor:.3g}, not below alpha {alpha:g}"
+        )
+    if untested:
+        return result | {"outcome": UNTESTED, "reason": f"{summary}; untested: {untested}"}
     threshold = margin if hypothesis == "non_inferior" else 0.0
     side = "greater" if hypothesis == "greater" else "less"
     difference, ci95, (lower_bound, upper_bound), p_value = run_test(
