@@ -98,10 +98,9 @@ def load_members(cfg: DictConfig) -> list[dict]:
             run_path / "history.csv": f"train@{member}",
             evaluation_path: "evaluate",
         }
-        absent = [(path, stage) for path, stage in needed.items() if not path.is_file()]
+        absent = [f"{path} not found: run {stage}" for path, stage in needed.items() if not path.is_file()]
         if absent:
-            path, stage = absent[0]
-            incomplete.append(f"{model} seed {seed} ({path} not found: run {stage})")
+            incomplete.append(f"{model} seed {seed} ({absent[0]})")
             continue
         members.append(
             {

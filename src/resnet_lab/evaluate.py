@@ -71,8 +71,7 @@ def evaluate_model(model, dataset: Iterable, class_names: Sequence[str], *, prog
 
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = 0.0
-    for step, batch in enumerate(dataset):
-        images, labels = batch[0], batch[1]
+    for step, (images, labels, *_) in enumerate(dataset):
         outputs = np.asarray(model.predict_on_batch(images), dtype=np.float64)
         if outputs.ndim != 2 or outputs.shape[-1] != num_classes:
             raise ValueError(
