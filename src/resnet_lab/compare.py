@@ -55,7 +55,7 @@ ARTIFACT_DIR = "report"
 
 
 def _claims(cfg: DictConfig) -> list[dict]:
-    return [dict(claim) for claim in OmegaConf.to_container(cfg.study.get("claims") or [], resolve=True)]
+    return [dict(claim) for claim in OmegaConf.to_container(cfg.study.claims, resolve=True)]
 
 
 def check_study(cfg: DictConfig) -> None:

@@ -104,6 +104,8 @@ def check_design(models: Sequence[str], claims: Sequence[Mapping], *, alpha: flo
                     f"study.claims.{claim.get('key')}: {role} {claim.get(role)!r} is not in study.models "
                     f"{list(models)}"
                 )
+        if (subject := claim["subject"]) == claim["reference"]:
+            raise ValueError(f"study.claims.{claim['key']}: subject and reference are both {subject!r}")
     claimed = {claim[role] for claim in claims for role in ("subject", "reference")}
     if unclaimed := [model for model in models if model not in claimed]:
         raise ValueError(
