@@ -64,6 +64,7 @@ STAGE_CASES = [
     ("empty study", compare.main, ["study.models=[]"], "the study needs models and seeds"),
     ("model in no claim", compare.main, ["study.models=[plain18,plain34,resnet18,resnet34,resnet50,resnet8]"],
      "study.models ['resnet8'] take part in no claim"),
+    ("no claims", compare.main, ["study.claims=[]"], "take part in no claim of study.claims"),
     ("alpha 1", compare.main, ["study.alpha=1"], "study.alpha must be in (0, 0.5), got 1"),
     ("unknown test", compare.main, ["study.test=ttest"], "unknown study.test 'ttest'; choose one of"),
     ("width 0", T, ["model.width=0"], "model.width must be a positive integer or null, got 0"),

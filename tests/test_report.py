@@ -210,6 +210,10 @@ def test_check_design_rejects_an_untestable_study():
         check_design(
             models, [*CLAIMS, CLAIMS[0] | {"key": "x", "subject": "plain56"}], alpha=0.05, margin=0.01
         )
+    with pytest.raises(ValueError, match="study.claims.x: subject and reference are both 'plain34'"):
+        check_design(
+            models, [*CLAIMS, CLAIMS[0] | {"key": "x", "reference": "plain34"}], alpha=0.05, margin=0.01
+        )
     with pytest.raises(ValueError, match="unknown hypothesis 'higher'"):
         check_design(models, [CLAIMS[0] | {"hypothesis": "higher"}, *CLAIMS[1:]], alpha=0.05, margin=0.01)
     with pytest.raises(ValueError, match="study.alpha must be in"):

@@ -5,11 +5,11 @@
 It reads each member's run directory (`summary.json`, `history.csv`) and its evaluation
 (`<paths.metrics_dir>/<model>-<seed>.json`: the clean final training error, the study's endpoint), tests the
 claims registered in `study.claims`, and writes to `<paths.reports_dir>/`: `degradation.md` (the design it
-ran, the verdict, the claims with their tests, the table, the figure),
-`learning_curves.png`, `verdict.json` (flat numbers and booleans for `dvc metrics`), `curves.csv` (long
-learning curves: model, seed, epoch, train_error, val_error) and `curves_by_model.csv` (seed means, one
-column per model and curve, for stock `dvc plots` templates). The files and the verdict's numbers are also
-logged to an MLflow study run (`study-<data.name>`, tag `resnet_lab.kind=study`).
+ran, the verdict, the claims with their tests, the table, the figures), `learning_curves.png`,
+`final_errors.png`, `verdict.json` (flat numbers and booleans for `dvc metrics`), `curves.csv` (long
+learning curves) and `curves_by_model.csv` (seed means, one column per model and curve, for stock `dvc plots`
+templates). The files and the verdict's numbers are also logged to an MLflow study run (`study-<data.name>`,
+tag `resnet_lab.kind=study`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from resnet_lab.report import (
     curves_frame,
     member_record,
     model_table,
-    parse_model_name,
     plot_final_errors,
     plot_learning_curves,
     render_report,
@@ -51,11 +50,12 @@ SEEDS_FIGURE_FILE = "final_errors.png"
 VERDICT_FILE = "verdict.json"
 CURVES_FILE = "curves.csv"
 CURVES_BY_MODEL_FILE = "curves_by_model.csv"
+REPORT_FILES = (REPORT_FILE, FIGURE_FILE, SEEDS_FIGURE_FILE, VERDICT_FILE, CURVES_FILE, CURVES_BY_MODEL_FILE)
 ARTIFACT_DIR = "report"
 
 
 def _claims(cfg: DictConfig) -> list[dict]:
-    return [dict(claim) for claim in OmegaConf.to_container(cfg.study.get("claims") or [], resolve=True)]
+    return [dict(claim) for claim in OmegaConf.to_container(cfg.study.claims, resolve=True)]
 
 
 def check_study(cfg: DictConfig) -> None:
@@ -65,14 +65,10 @@ def check_study(cfg: DictConfig) -> None:
         ConfigError: the fault, in one line.
     """
     validate(cfg)
-    models = list(cfg.study.models)
-    for model in models:
-        try:
-            parse_model_name(model)
-        except ValueError as exc:
-            raise ConfigError(f"study.models: {exc}") from None
     try:
-        check_design(models, _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin))
+        check_design(
+            list(cfg.study.models), _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin)
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -95,23 +91,22 @@ def load_members(cfg: DictConfig) -> list[dict]:
     check_study(cfg)
     members, incomplete = [], []
     for member_cfg in members_cfg:
-        model, seed = str(member_cfg.model.name), int(member_cfg.seed)
+        model, seed, member = str(member_cfg.model.name), int(member_cfg.seed), member_name(member_cfg)
         run_path, evaluation_path = run_dir(member_cfg), metrics_path(member_cfg)
-        needed = [
-            (run_path / "summary.json", f"train@{member_name(member_cfg)}"),
-            (run_path / "history.csv", f"train@{member_name(member_cfg)}"),
-            (evaluation_path, "evaluate"),
-        ]
-        absent = [(path, stage) for path, stage in needed if not path.is_file()]
+        needed = {
+            run_path / "summary.json": f"train@{member}",
+            run_path / "history.csv": f"train@{member}",
+            evaluation_path: "evaluate",
+        }
+        absent = [f"{path} not found: run {stage}" for path, stage in needed.items() if not path.is_file()]
         if absent:
-            path, stage = absent[0]
-            incomplete.append(f"{model} seed {seed} ({path} not found: run {stage})")
+            incomplete.append(f"{model} seed {seed} ({absent[0]})")
             continue
         members.append(
             {
                 "model": model,
                 "seed": seed,
-                "member": member_name(member_cfg),
+                "member": member,
                 "summary": json.loads((run_path / "summary.json").read_text()),
                 "history": pd.read_csv(run_path / "history.csv"),
                 "evaluation": json.loads(evaluation_path.read_text()),
@@ -201,18 +196,7 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
             seeds_figure=SEEDS_FIGURE_FILE,
         )
         (staging / REPORT_FILE).write_text(markdown)
-    paths = [
-        reports_dir / name
-        for name in (
-            REPORT_FILE,
-            FIGURE_FILE,
-            SEEDS_FIGURE_FILE,
-            VERDICT_FILE,
-            CURVES_FILE,
-            CURVES_BY_MODEL_FILE,
-        )
-    ]
-    return result, table, paths
+    return result, table, [reports_dir / name for name in REPORT_FILES]
 
 
 def compare(cfg: DictConfig) -> dict:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab.config import member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
@@ -38,41 +38,14 @@ SPLIT_PREFIX = {"train": "train_", "validation": "val_", "test": "test_"}
 ARTIFACT_DIR = "evaluation"
 
 
-def _outputs_probabilities(model) -> bool:
-    """Whether the model ends in a softmax (resnet_lab.models does) rather than emitting logits."""
-    import keras
-
-    last = model.layers[-1]
-    if isinstance(last, keras.layers.Softmax):
-        return True
-    activation = getattr(last, "activation", None)
-    return getattr(activation, "__name__", "") == "softmax"
-
-
-def _sparse_labels(labels, num_classes: int) -> np.ndarray:
-    labels = np.asarray(labels)
-    # One-hot labels, e.g. from a pipeline that smooths them.
-    if labels.ndim == 2 and labels.shape[-1] == num_classes:
-        return labels.argmax(axis=-1)
-    return labels.reshape(-1).astype(np.int64)
-
-
-def evaluate_model(
-    model,
-    dataset: Iterable,
-    class_names: Sequence[str],
-    *,
-    from_logits: bool | None = None,
-    progress: bool = True,
-) -> dict:
+def evaluate_model(model, dataset: Iterable, class_names: Sequence[str], *, progress: bool = True) -> dict:
     """Test metrics of a classifier over a batched dataset, in one pass with Keras's progress bar.
 
     Args:
-        model: a Keras classifier whose outputs have one column per class.
+        model: a Keras classifier whose outputs have one column per class: probabilities when its last
+            layer is a softmax, logits otherwise.
         dataset: batches of (images, labels), labels as class indices (or one-hot); e.g. a `tf.data.Dataset`.
         class_names: the name of each class, in label order.
-        from_logits: whether the outputs are logits; None reads it off the model's last layer (a softmax
-            means probabilities).
         progress: show Keras's progress bar.
 
     Returns:
@@ -88,8 +61,9 @@ def evaluate_model(
 
     class_names = [str(name) for name in class_names]
     num_classes = len(class_names)
-    if from_logits is None:
-        from_logits = not _outputs_probabilities(model)
+    last = model.layers[-1]  # a softmax (as in resnet_lab.models) gives probabilities, anything else logits
+    activation = getattr(getattr(last, "activation", None), "__name__", "")
+    from_logits = not (isinstance(last, keras.layers.Softmax) or activation == "softmax")
     cardinality = int(dataset.cardinality()) if hasattr(dataset, "cardinality") else -1
     progbar = keras.utils.Progbar(
         cardinality if cardinality >= 0 else None, unit_name="batch", verbose=1 if progress else 0
@@ -97,14 +71,16 @@ def evaluate_model(
 
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = 0.0
-    for step, batch in enumerate(dataset):
-        images, labels = batch[0], batch[1]
+    for step, (images, labels, *_) in enumerate(dataset):
         outputs = np.asarray(model.predict_on_batch(images), dtype=np.float64)
         if outputs.ndim != 2 or outputs.shape[-1] != num_classes:
             raise ValueError(
                 f"model outputs shape {outputs.shape}, but there are {num_classes} classes: {class_names}"
             )
-        labels = _sparse_labels(labels, num_classes)
+        labels = np.asarray(labels)
+        if labels.ndim == 2 and labels.shape[-1] == num_classes:  # one-hot, e.g. from a pipeline that smooths
+            labels = labels.argmax(axis=-1)
+        labels = labels.reshape(-1).astype(np.int64)
         out_of_range = labels[(labels < 0) | (labels >= num_classes)]
         if out_of_range.size:
             raise ValueError(f"label {int(out_of_range[0])} is not a class index in [0, {num_classes})")
@@ -178,7 +154,7 @@ def _log_to_training_run(
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
     try:
-        client.get_run(run_id)
+        experiment = client.get_run(run_id).info.experiment_id
     except MlflowException as exc:
         raise ConfigError(
             f"MLflow run {run_id!r} of {cfg.model.name} seed {cfg.seed} is not in the store {uri}: {exc}"
@@ -186,7 +162,6 @@ def _log_to_training_run(
     run = Run(client, run_id)
     test = log_dataset_inputs(run, cfg, ("test",))["test"]
     # MLflow 3's logged models: the test numbers belong to the model and the test dataset as well.
-    experiment = client.get_run(run_id).info.experiment_id
     logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
     model_id = logged[0].model_id if logged else None
     run.log_metrics({key: numbers[key] for key in LOGGED_METRICS if not key.startswith("test_")}, step=step)
@@ -245,9 +220,8 @@ def evaluate(cfg: DictConfig, *, progress: bool = True) -> dict:
         )
         numbers[f"{prefix}loss"] = results["test_loss"]
         numbers[f"{prefix}error"] = results["test_error"]
-    numbers["test_accuracy"] = results["test_accuracy"]
-    numbers["examples"] = results["examples"]
-    numbers["per_class_accuracy"] = results["per_class_accuracy"]
+    # The last split is the test split.
+    numbers |= {key: results[key] for key in ("test_accuracy", "examples", "per_class_accuracy")}
 
     out_path, plots = metrics_path(cfg), confusion_dir(cfg)
     with staged_files(plots) as staging:
@@ -264,13 +238,11 @@ def evaluate(cfg: DictConfig, *, progress: bool = True) -> dict:
     # The confusion records are for `dvc plots`; MLflow gets the numbers and the picture.
     files = [out_path, plots / f"{member}.png"]
 
-    run_id = summary.get("mlflow_run_id")
-    if not cfg.tracking.get("enabled", True):
-        pass  # tracking=off
-    elif run_id:
-        _log_to_training_run(cfg, run_id, numbers, files, step=int(summary.get("epochs", 0)))
-    else:
-        log.warning("%s has no mlflow_run_id: the evaluation is not logged to MLflow", run_dir(cfg))
+    if cfg.tracking.get("enabled", True):  # tracking=off logs nothing
+        if run_id := summary.get("mlflow_run_id"):
+            _log_to_training_run(cfg, run_id, numbers, files, step=int(summary.get("epochs", 0)))
+        else:
+            log.warning("%s has no mlflow_run_id: the evaluation is not logged to MLflow", run_dir(cfg))
     return numbers
 
 
@@ -280,8 +252,6 @@ def study_members(cfg: DictConfig) -> list[DictConfig]:
     Raises:
         ConfigError: the study has no models or no seeds.
     """
-    from omegaconf import OmegaConf
-
     models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
     if not models or not seeds:
         raise ConfigError(f"the study needs models and seeds; study.models={models}, study.seeds={seeds}")

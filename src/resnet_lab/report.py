@@ -1,4 +1,4 @@
-"""The degradation report's pure parts: the verdict, the per-model table, the figures, and atomic output.
+"""The degradation report's pure parts: the verdict, the per-model table and the figures.
 
 The question is the one of He et al. 2015 (arXiv:1512.03385), Sec. 4.1 and Fig. 4: does a deeper plain
 net end with higher *training* error than a shallower one (the degradation problem, which is not
@@ -37,10 +37,7 @@ HISTORY_COLUMNS = ("epoch", "error", "val_error")
 
 
 def parse_model_name(name: str) -> tuple[str, int]:
-    """Split a study model name into its family and depth.
-
-    Args:
-        name: e.g. "plain34" or "resnet56".
+    """Split a study model name, e.g. "plain34" or "resnet56", into its family and depth.
 
     Returns:
         ("plain" or "residual", depth in weighted layers).
@@ -63,7 +60,7 @@ def _points(fraction: float) -> str:
 
 
 def claim_text(claim: Mapping, margin: float) -> str:
-    """The sentence a claim of `study.claims` states, e.g. "plain34 ends above plain18"."""
+    """The sentence of a `study.claims` entry, e.g. "plain34 ends with higher training error than plain18"."""
     subject, reference = claim["subject"], claim["reference"]
     return {
         "greater": f"{subject} ends with higher training error than {reference}",
@@ -77,12 +74,17 @@ def claim_text(claim: Mapping, margin: float) -> str:
 def check_design(models: Sequence[str], claims: Sequence[Mapping], *, alpha: float, margin: float) -> None:
     """Reject a study design that cannot be tested as registered, naming the first fault.
 
-    Every model takes part in a claim, every claim names two models of the study and a known hypothesis,
-    and alpha and margin are sensible.
+    Every model is named `plain<depth>` or `resnet<depth>` and takes part in a claim, every claim names two
+    models of the study and a known hypothesis, and alpha and margin are sensible.
 
     Raises:
         ValueError: the fault, in one line.
     """
+    for model in models:
+        try:
+            parse_model_name(model)
+        except ValueError as exc:
+            raise ValueError(f"study.models: {exc}") from None
     if not 0 < alpha < 0.5:
         raise ValueError(f"study.alpha must be in (0, 0.5), got {alpha!r}")
     if not 0 <= margin < 1:
@@ -102,33 +104,13 @@ def check_design(models: Sequence[str], claims: Sequence[Mapping], *, alpha: flo
                     f"study.claims.{claim.get('key')}: {role} {claim.get(role)!r} is not in study.models "
                     f"{list(models)}"
                 )
-    unclaimed = [
-        model for model in models if not any(model in (c["subject"], c["reference"]) for c in claims)
-    ]
-    if unclaimed:
+        if (subject := claim["subject"]) == claim["reference"]:
+            raise ValueError(f"study.claims.{claim['key']}: subject and reference are both {subject!r}")
+    claimed = {claim[role] for claim in claims for role in ("subject", "reference")}
+    if unclaimed := [model for model in models if model not in claimed]:
         raise ValueError(
             f"study.models {unclaimed} take part in no claim of study.claims: add one or drop them"
         )
-
-
-def welch(subject: Sequence[float], reference: Sequence[float]) -> tuple[float, float, float]:
-    """Difference of means, its standard error and Welch-Satterthwaite degrees of freedom.
-
-    Returns:
-        (mean(subject) - mean(reference), standard error, degrees of freedom); the degrees of freedom are
-        infinite when both samples have no spread (the standard error is then 0).
-    """
-    subject, reference = np.asarray(subject, dtype=float), np.asarray(reference, dtype=float)
-    var_s, var_r = subject.var(ddof=1) / subject.size, reference.var(ddof=1) / reference.size
-    se = math.sqrt(var_s + var_r)
-    if se < 1e-12:  # identical errors in every seed, up to float rounding
-        var_s = var_r = se = 0.0
-    df = (
-        (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1))
-        if se
-        else math.inf
-    )
-    return float(subject.mean() - reference.mean()), se, df
 
 
 @functools.cache
@@ -144,24 +126,17 @@ def _u_counts(n_subject: int, n_reference: int) -> np.ndarray:
     return counts
 
 
-def _rank_order(n_subject: int, n_reference: int, level: float) -> int:
-    """How many of the sorted pairwise differences lie below Moses's one-sided bound at `level`."""
-    counts = _u_counts(n_subject, n_reference)
-    return int(np.sum(np.cumsum(counts) / counts.sum() <= level))
-
-
-def smallest_p(test: str, n_subject: int, n_reference: int) -> float:
-    """The smallest one-sided p-value `test` can reach with these numbers of seeds (0 for Welch)."""
-    return 1 / math.comb(n_subject + n_reference, n_subject) if test == "rank" else 0.0
-
-
 def _welch_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, threshold: float, side: str):
+    """Welch's t-test on the difference of means, with Welch-Satterthwaite degrees of freedom."""
     from scipy import stats
 
-    difference, se, df = welch(subject, reference)
-    if se == 0:  # no spread at all: the difference decides
+    difference = float(subject.mean() - reference.mean())
+    var_s, var_r = subject.var(ddof=1) / subject.size, reference.var(ddof=1) / reference.size
+    se = math.sqrt(var_s + var_r)
+    if se < 1e-12:  # identical errors in every seed, up to float rounding: the difference decides
         holds = difference > threshold if side == "greater" else difference < threshold
         return difference, (difference, difference), (difference, difference), 0.0 if holds else 1.0
+    df = (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1))
     half_width, one_sided = stats.t.ppf(0.975, df) * se, stats.t.ppf(1 - alpha, df) * se
     z = (difference - threshold) / se
     p_value = float(stats.t.sf(z, df) if side == "greater" else stats.t.cdf(z, df))
@@ -181,9 +156,11 @@ def _rank_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, thre
     exact = stats.PermutationMethod(n_resamples=100_000, rng=0)
     p_value = stats.mannwhitneyu(subject - threshold, reference, alternative=side, method=exact).pvalue
     differences = np.sort(np.subtract.outer(subject, reference).ravel())
+    counts = _u_counts(subject.size, reference.size)
+    cumulative = np.cumsum(counts) / counts.sum()
 
     def bounds(level: float) -> tuple[float, float]:
-        k = _rank_order(subject.size, reference.size, level)
+        k = int(np.sum(cumulative <= level))  # the sorted differences below Moses's one-sided bound
         return (differences[k - 1], differences[-k]) if k else (-math.inf, math.inf)
 
     return float(np.median(differences)), bounds(0.025), bounds(alpha), float(p_value)
@@ -232,10 +209,8 @@ def decide_claim(
     - non_inferior: H1 d < margin. Shown when p < alpha (the upper one-sided bound is below the margin);
       contradicted when the lower bound is above it (significantly worse by more than the margin).
 
-    `welch` is the one-sided Welch t-test with t-intervals; `rank` the one-sided Mann-Whitney U test
-    (exact over the splits of the seeds) with Moses's distribution-free bounds on the shift, which needs
-    no normal errors and no equal spreads. One-sided bounds are at level 1 - alpha; the reported interval
-    is the two-sided 95% one.
+    One-sided bounds are at level 1 - alpha; the reported interval is the two-sided 95% one. The rank
+    test needs no normal errors and no equal spreads.
 
     Args:
         claim: `key`, `subject`, `reference`, `hypothesis` (an entry of `study.claims`).
@@ -257,16 +232,8 @@ def decide_claim(
         "hypothesis": hypothesis,
         "test": test,
         "models": [subject, reference],
-        "means": None,
-        "sds": None,
-        "seeds": None,
-        "difference": None,
-        "ci95": None,
-        "bound": None,
-        "p_value": None,
-    }
-    absent = [name for name in (subject, reference) if not errors.get(name)]
-    if absent:
+    } | dict.fromkeys(("means", "sds", "seeds", "difference", "ci95", "bound", "p_value"))
+    if absent := [name for name in (subject, reference) if not errors.get(name)]:
         return result | {"outcome": MISSING, "reason": f"no results for {' or '.join(absent)}"}
     samples = {name: np.asarray(errors[name], dtype=float) for name in (subject, reference)}
     result["means"] = {name: float(values.mean()) for name, values in samples.items()}
@@ -275,18 +242,17 @@ def decide_claim(
     }
     result["seeds"] = {name: int(values.size) for name, values in samples.items()}
     summary = f"{subject} {_pct(result['means'][subject])} vs {reference} {_pct(result['means'][reference])}"
+    # Exact over the splits of the seeds, the rank test's p cannot fall below one split in all of them.
+    floor = 1 / math.comb(sum(result["seeds"].values()), result["seeds"][subject]) if test == "rank" else 0.0
+    untested = ""
     if min(result["seeds"].values()) < MIN_SEEDS_FOR_TEST:
-        return result | {
-            "outcome": UNTESTED,
-            "reason": f"{summary}; untested: fewer than {MIN_SEEDS_FOR_TEST} seeds per model",
-        }
-
-    if (floor := smallest_p(test, *result["seeds"].values())) >= alpha:
-        return result | {
-            "outcome": UNTESTED,
-            "reason": f"{summary}; untested: with these seeds the {test_name} test's p is at least "
-            f"{floor:.3g}, not below alpha {alpha:g}",
-        }
+        untested = f"fewer than {MIN_SEEDS_FOR_TEST} seeds per model"
+    elif floor >= alpha:
+        untested = (
+            f"with these seeds the {test_name} test's p is at least {floor:.3g}, not below alpha {alpha:g}"
+        )
+    if untested:
+        return result | {"outcome": UNTESTED, "reason": f"{summary}; untested: {untested}"}
     threshold = margin if hypothesis == "non_inferior" else 0.0
     side = "greater" if hypothesis == "greater" else "less"
     difference, ci95, (lower_bound, upper_bound), p_value = run_test(
@@ -294,16 +260,14 @@ def decide_claim(
     )
     result |= {"difference": difference, "ci95": list(ci95), "p_value": p_value}
     if hypothesis == "greater":
-        result["bound"] = lower_bound
-        shown, contradicted = p_value < alpha, upper_bound < 0
+        result["bound"], contradicted = lower_bound, upper_bound < 0
         bound_text = f"lower {100 * (1 - alpha):g}% bound {_points(lower_bound)}"
     else:
-        result["bound"] = upper_bound
-        shown, contradicted = p_value < alpha, lower_bound > threshold
+        result["bound"], contradicted = upper_bound, lower_bound > threshold
         bound_text = f"upper {100 * (1 - alpha):g}% bound {_points(upper_bound)}"
         if hypothesis == "non_inferior":
             bound_text += f" against the margin {_points(margin)}"
-    outcome = SHOWN if shown else CONTRADICTED if contradicted else NOT_SHOWN
+    outcome = SHOWN if p_value < alpha else CONTRADICTED if contradicted else NOT_SHOWN
     evidence = f"95% CI [{_points(ci95[0])}, {_points(ci95[1])}], {bound_text}, one-sided {test_name} p"
     evidence += f" = {p_value:.3g}"
     summary += f", {estimate_name} {_points(difference)} points"
@@ -328,9 +292,7 @@ def verdict(
     Args:
         final_train_errors: model name -> final training error (a fraction) of each seed.
         claims: the study's claims (`study.claims`).
-        alpha: the study's significance level.
-        margin: the non-inferiority margin (a fraction).
-        test: a key of TESTS (`study.test`).
+        alpha, margin, test: as for `decide_claim`.
 
     Returns:
         A JSON-able dict: `answer` ("yes", "no" or "inconclusive"), a one-paragraph `text`, `alpha`,
@@ -342,25 +304,17 @@ def verdict(
     ]
     contradicted = [c for c in comparisons if c["outcome"] == CONTRADICTED]
     not_shown = [c for c in comparisons if c["outcome"] != SHOWN]
-    if not comparisons:
-        answer, text = "inconclusive", "Inconclusive: the study registers no claims."
-    elif contradicted:
-        answer = "no"
-        text = "No: " + "; ".join(f"{c['key']} is contradicted, {c['reason']}" for c in contradicted) + "."
-    elif not_shown:
+    lead = ""
+    if contradicted:
+        answer, findings = "no", [f"{c['key']} is contradicted, {c['reason']}" for c in contradicted]
+    elif not_shown or not comparisons:
         answer = "inconclusive"
-        text = (
-            "Inconclusive: "
-            + "; ".join(f"{c['key']} is {c['outcome']}, {c['reason']}" for c in not_shown)
-            + "."
-        )
+        findings = [f"{c['key']} is {c['outcome']}, {c['reason']}" for c in not_shown]
+        findings = findings or ["the study registers no claims"]
     else:
-        answer = "yes"
-        text = (
-            f"Yes: every claim is shown at alpha {alpha:g}: "
-            + "; ".join(f"{c['claim']}, {c['reason']}" for c in comparisons)
-            + "."
-        )
+        answer, lead = "yes", f"every claim is shown at alpha {alpha:g}: "
+        findings = [f"{c['claim']}, {c['reason']}" for c in comparisons]
+    text = f"{answer.capitalize()}: {lead}{'; '.join(findings)}."
     result = {"answer": answer, "text": text, "alpha": alpha, "margin": margin, "test": test}
     for comparison in comparisons:
         result[f"{comparison['key']}_difference"] = comparison["difference"]
@@ -427,11 +381,8 @@ def render_speed(slopes: Mapping[str, Mapping]) -> str:
             continue
         span = f"{min(epochs)}" if min(epochs) == max(epochs) else f"{min(epochs)}-{max(epochs)}"
         parts.append(f"{model} {span}" + (f" ({missing} seed{'s' * (missing > 1)} never)" if missing else ""))
-    return (
-        f"Epochs until the running training error first fell below {100 * threshold:g}%: "
-        + "; ".join(parts)
-        + "."
-    )
+    lead = f"Epochs until the running training error first fell below {100 * threshold:g}%"
+    return f"{lead}: {'; '.join(parts)}."
 
 
 def curves_frame(histories: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFrame:
@@ -454,15 +405,9 @@ def curves_frame(histories: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFr
             problem = f"lacks columns {absent}" if absent else "has no epochs"
             raise ValueError(f"history of {model} seed {seed} {problem}; it has {list(history.columns)}")
         frames.append(
-            pd.DataFrame(
-                {
-                    "model": model,
-                    "seed": int(seed),
-                    "epoch": history["epoch"].astype(int).to_numpy(),
-                    "train_error": history["error"].astype(float).to_numpy(),
-                    "val_error": history["val_error"].astype(float).to_numpy(),
-                }
-            )
+            history.astype({"epoch": int, "error": float, "val_error": float})
+            .rename(columns={"error": "train_error"})
+            .assign(model=model, seed=int(seed))[list(CURVE_COLUMNS)]
         )
     if not frames:
         return pd.DataFrame({column: [] for column in CURVE_COLUMNS})
@@ -479,14 +424,11 @@ def curves_by_model(curves: pd.DataFrame) -> pd.DataFrame:
         Column `epoch`, then `<model>_train_error` and `<model>_val_error` for each model in order of
         appearance; an epoch a model did not reach is empty.
     """
-    models = list(dict.fromkeys(curves["model"]))
-    means = curves.groupby(["model", "epoch"], sort=False)[["train_error", "val_error"]].mean()
-    wide = pd.DataFrame({"epoch": sorted(curves["epoch"].unique())})
-    for model in models:
-        per_epoch = means.loc[model]
-        wide[f"{model}_train_error"] = wide["epoch"].map(per_epoch["train_error"])
-        wide[f"{model}_val_error"] = wide["epoch"].map(per_epoch["val_error"])
-    return wide
+    means = curves.groupby(["epoch", "model"])[["train_error", "val_error"]].mean().unstack("model")
+    means.columns = [f"{model}_{curve}" for curve, model in means.columns]
+    models = dict.fromkeys(curves["model"])  # in order of appearance
+    columns = [f"{model}_{curve}" for model in models for curve in ("train_error", "val_error")]
+    return means[columns].reset_index()
 
 
 def model_colors(models: Sequence[str]) -> dict[str, tuple]:
@@ -517,19 +459,19 @@ def plot_learning_curves(curves: pd.DataFrame, path: str | os.PathLike, *, title
 
     models = list(dict.fromkeys(curves["model"]))
     present = {parse_model_name(model)[0] for model in models}
-    families = [family for family in ("plain", "residual") if family in present]
+    families = [family for family in ("plain", "residual") if family in present] or ["plain"]
     colors = model_colors(models)
     # A Figure without pyplot renders on the Agg canvas and leaves the process's backend alone.
-    figure = Figure(figsize=(6.5 * max(len(families), 1), 4.8), layout="constrained")
-    axes = figure.subplots(1, max(len(families), 1), sharey=True, squeeze=False)[0]
-    for ax, family in zip(axes, families or ["plain"], strict=True):
-        for model in models:
+    figure = Figure(figsize=(6.5 * len(families), 4.8), layout="constrained")
+    axes = figure.subplots(1, len(families), sharey=True, squeeze=False)[0]
+    for ax, family in zip(axes, families, strict=True):
+        for model, rows in curves.groupby("model", sort=False):
             if parse_model_name(model)[0] != family:
                 continue
-            per_epoch = curves[curves["model"] == model].groupby("epoch")
+            per_epoch = rows.groupby("epoch")
             train = 100 * per_epoch["train_error"].agg(["mean", "min", "max"])
             val = 100 * per_epoch["val_error"].mean()
-            seeds = curves.loc[curves["model"] == model, "seed"].nunique()
+            seeds = rows["seed"].nunique()
             color = colors[model]
             ax.plot(train.index, train["mean"], color=color, linewidth=1.0)
             label = f"{model} ({seeds} seed{'s' * (seeds > 1)})"
@@ -640,17 +582,9 @@ def plot_confusion_matrix(
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
     if len(class_names) <= 20:
-        for actual, predicted in np.ndindex(counts.shape):
+        for (actual, predicted), count in np.ndenumerate(counts):
             shade = "white" if fractions[actual, predicted] > 0.5 else "black"
-            ax.text(
-                predicted,
-                actual,
-                str(counts[actual, predicted]),
-                ha="center",
-                va="center",
-                color=shade,
-                fontsize="small",
-            )
+            ax.text(predicted, actual, str(count), ha="center", va="center", color=shade, fontsize="small")
     if title:
         ax.set_title(title)
     path = Path(path)
@@ -697,14 +631,9 @@ def member_record(summary: Mapping, evaluation: Mapping | None = None) -> dict:
 
 # The member-record numbers that vary across seeds, so the table shows their mean and spread.
 _TABLE_NUMBERS = (
-    "train_error",
-    "running_train_error",
-    "final_val_error",
-    "test_error",
-    "epochs",
-    "train_time_s",
+    "train_error", "running_train_error", "final_val_error", "test_error", "epochs", "train_time_s",
     "images_per_sec",
-)
+)  # fmt: skip
 
 
 def model_table(records: Sequence[Mapping]) -> pd.DataFrame:
@@ -726,10 +655,8 @@ def model_table(records: Sequence[Mapping]) -> pd.DataFrame:
         seeds=("seed", "nunique"),
         params=("params", "first"),
         macs=("macs", "first"),
+        **{f"{number}_{stat}": (number, stat) for number in _TABLE_NUMBERS for stat in ("mean", "std")},
     )
-    for number in _TABLE_NUMBERS:
-        table[f"{number}_mean"] = grouped[number].mean()
-        table[f"{number}_std"] = grouped[number].std(ddof=1)
     return table.reset_index()
 
 
@@ -740,7 +667,8 @@ def _count(value: float) -> str:
     return f"{value:.0f}"
 
 
-def _mean_std(mean: float, std: float, fmt: str) -> str:
+def _mean_std(row: Mapping, number: str, fmt: str, scale: float = 1) -> str:
+    mean, std = scale * row[f"{number}_mean"], scale * row[f"{number}_std"]
     if math.isnan(mean):
         return "n/a"
     return f"{mean:{fmt}} ± {std:{fmt}}" if not math.isnan(std) else f"{mean:{fmt}}"
@@ -759,48 +687,41 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
         "Slope, last epochs (pts/epoch)", "Val. err. (%)", "Test err. (%)", "Epochs", "Train time (s)",
         "Images/s",
     ]  # fmt: skip
-    alignments = ["---"] + ["---:"] * (len(headings) - 1)
-    lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(alignments) + "|"]
-    for row in table.itertuples(index=False):
-        row = row._asdict()
+    lines = ["| " + " | ".join(headings) + " |", "|---|" + "---:|" * (len(headings) - 1)]
+    for row in table.to_dict("records"):
         slope = slopes.get(row["model"])
         slope_cell = "n/a"
         if slope:
             slope_cell = f"{100 * slope['slope']:+.3f}" + ("" if slope["converged"] else " (still falling)")
         cells = [row["model"], str(row["seeds"]), _count(row["params"]), _count(row["macs"])]
-        for number in ("train_error", "running_train_error"):
-            cells.append(_mean_std(100 * row[f"{number}_mean"], 100 * row[f"{number}_std"], ".2f"))
+        cells += [_mean_std(row, number, ".2f", 100) for number in ("train_error", "running_train_error")]
         cells.append(slope_cell)
-        for number in ("final_val_error", "test_error"):
-            cells.append(_mean_std(100 * row[f"{number}_mean"], 100 * row[f"{number}_std"], ".2f"))
-        cells.append(_mean_std(row["epochs_mean"], row["epochs_std"], ".0f"))
-        cells.append(_mean_std(row["train_time_s_mean"], row["train_time_s_std"], ".1f"))
-        cells.append(_mean_std(row["images_per_sec_mean"], row["images_per_sec_std"], ".0f"))
+        cells += [_mean_std(row, number, ".2f", 100) for number in ("final_val_error", "test_error")]
+        cells += [_mean_std(row, "epochs", ".0f"), _mean_std(row, "train_time_s", ".1f")]
+        cells.append(_mean_std(row, "images_per_sec", ".0f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def render_comparisons(result: Mapping) -> str:
     """Render the verdict's claims as a Markdown table."""
-    estimate = TESTS[result.get("test", "welch")].estimate
-    estimate = estimate[0].upper() + estimate[1:]
+    test = TESTS[result.get("test", "welch")]
+    estimate = test.estimate[0].upper() + test.estimate[1:]
     lines = [
         f"| Claim | Test | Mean clean training error | {estimate} (pts) | 95% CI (pts) "
-        "| One-sided bound (pts) "
-        "| p | Outcome |",
+        "| One-sided bound (pts) | p | Outcome |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
-    name = TESTS[result.get("test", "welch")].name
     alternatives = {"greater": "d > 0", "less": "d < 0", "non_inferior": f"d < {_points(result['margin'])}"}
     for c in result["comparisons"]:
-        test = f"{name}, H1: {alternatives[c['hypothesis']]}"
+        h1 = f"{test.name}, H1: {alternatives[c['hypothesis']]}"
         means = " vs ".join(_pct(mean) for mean in c["means"].values()) if c["means"] else "—"
         difference = _points(c["difference"]) if c["difference"] is not None else "—"
         ci95 = f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}]" if c["ci95"] else "—"
         bound = _points(c["bound"]) if c["bound"] is not None else "—"
         p_value = f"{c['p_value']:.3g}" if c["p_value"] is not None else "—"
         lines.append(
-            f"| {c['key']}: {c['claim']} | {test} | {means} | {difference} | {ci95} | {bound} | {p_value} "
+            f"| {c['key']}: {c['claim']} | {h1} | {means} | {difference} | {ci95} | {bound} | {p_value} "
             f"| **{c['outcome']}** |"
         )
     return "\n".join(lines)
@@ -845,8 +766,7 @@ def render_design(design: Mapping) -> str:
             f"{optimizer.get('momentum')}, weight decay {optimizer['weight_decay']:g}; schedule "
             f"{design['schedule']['name']} with warm-up {design['schedule']['warmup_epochs']} epochs.",
             f"- Budget, the same for every model: {trainer['epochs']} epochs at batch "
-            f"{trainer['batch_size']}, "
-            f"{design['steps']} SGD steps.",
+            f"{trainer['batch_size']}, {design['steps']} SGD steps.",
             "- Endpoint: final training error from a clean pass over the training split in inference mode, "
             "without augmentation (the evaluate stage), per seed.",
             f"- Tests: {TESTS[design.get('test', 'welch')].design} at alpha {design['alpha']:g}; "
@@ -883,15 +803,13 @@ def render_report(
     Returns:
         The Markdown text.
     """
-    answer = {"yes": "Yes", "no": "No", "inconclusive": "Inconclusive"}[result["answer"]]
     falling = [model for model, slope in slopes.items() if not slope["converged"]]
     convergence_note = (
         f"Still falling at the end, so a longer budget may change their numbers: {', '.join(falling)}."
         if falling
         else "Every net's training error had flattened over the last epochs."
     )
-    speed_note = render_speed(slopes)
-    if speed_note:
+    if speed_note := render_speed(slopes):
         convergence_note += " " + speed_note
     seeds_section = ""
     if seeds_markdown:
@@ -906,7 +824,7 @@ Do skip connections prevent the degradation problem (He et al. 2015, arXiv:1512.
 
 {render_design(design)}
 
-## Verdict: {answer}
+## Verdict: {result["answer"].capitalize()}
 
 {result["text"]}
 
