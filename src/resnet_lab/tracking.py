@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from resnet_lab.errors import ConfigError, cli
@@ -252,9 +253,10 @@ def user_tags(cfg: DictConfig) -> dict[str, str]:
 class Run:
     """An open MLflow run, as the stages log to it through `MlflowClient` by explicit run id."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, *, resumed: bool = False):
         self.client = client
         self.run_id = run_id
+        self.resumed = resumed
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
@@ -286,14 +288,24 @@ class Run:
             self.client.set_tag(self.run_id, key, value)
 
 
-class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
-    """The one place where this project's MLflow runs begin and end.
+@contextlib.contextmanager
+def open_run(
+    cfg: DictConfig,
+    kind: str,
+    name: str,
+    *,
+    tags: dict[str, str] | None = None,
+    record_dir: str | os.PathLike | None = None,
+    params: bool = False,
+    system_metrics: bool = False,
+):
+    """The one place where this project's MLflow runs begin and end: `with open_run(...) as run:`.
 
-    `with open_run(cfg, kind, name) as run:` creates the run (tagged `resnet_lab.kind`, the host and
-    process, the git commit and any Hydra sweep), and ends it FINISHED when the block completes, KILLED on
-    Ctrl-C or SIGTERM (which the entry points raise as KeyboardInterrupt), FAILED with the reason in the
-    `resnet_lab.failure` tag on any other exception: never left RUNNING. Runs of the same kind that a kill
-    -9 on this machine left RUNNING are ended KILLED when the next one opens.
+    The run is tagged `resnet_lab.kind`, the host and process, the git commit and any Hydra sweep. It ends
+    FINISHED when the block completes, KILLED on Ctrl-C or SIGTERM (which the entry points raise as
+    KeyboardInterrupt), FAILED with the reason in the `resnet_lab.failure` tag on any other exception:
+    never left RUNNING. Runs of the same kind that a kill -9 on this machine left RUNNING are ended KILLED
+    when the next one opens.
 
     With `record_dir`, the run belongs to a run directory, the durable record (see `sync`): the run id is
     kept there so that a restarted run continues it, the end is written there first, and the run is
@@ -301,152 +313,117 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
     RUNNING until `python -m resnet_lab.tracking sync DIR`.
 
     Args:
-        cfg: the configuration (`tracking`); with `params=True` its resolved values become the run's
-            parameters.
+        cfg: the configuration (`tracking`).
         kind: `train`, `evaluate`, `study`, `bench` or `sweep`.
         name: the run name shown in the UI.
         tags: more tags.
         record_dir: the run directory of a training run.
-        params: log `cfg` as parameters (a new run only).
+        params: log `cfg`'s resolved values as parameters (a new run only).
         system_metrics: sample MLflow's system metrics every `tracking.system_metrics_interval_s`
             while the run is open (a resumed run continues their steps).
+
+    Yields:
+        The `Run` (`resumed` when it continues the one recorded in `record_dir`); None with `tracking=off`.
     """
-
-    def __init__(
-        self,
-        cfg: DictConfig,
-        kind: str,
-        name: str,
-        *,
-        tags: dict[str, str] | None = None,
-        record_dir: str | os.PathLike | None = None,
-        params: bool = False,
-        system_metrics: bool = False,
-    ):
-        self.cfg, self.kind, self.name = cfg, kind, name
-        self.tags = tags or {}
-        self.record_dir = Path(record_dir) if record_dir is not None else None
-        self.params = params
-        self.system_metrics = system_metrics
-        self.run: Run | None = None
-        self.resumed = False
-        self._monitor = None
-        self._held = contextlib.ExitStack()  # what the run holds until it ends
-
-    def __enter__(self) -> Run | None:
-        with contextlib.ExitStack() as held:
-            if self.record_dir is not None:
-                # Every request of a training run retries briefly, the system-metrics thread's too: its
-                # directory keeps what an outage holds back, and a request that waited out MLflow's own
-                # retries (about four minutes) would hold the run's end that long.
-                held.enter_context(_quick_retries())
-            run = self._open()
-            self._held = held.pop_all()
-        interval = self.cfg.tracking.get("system_metrics_interval_s")
-        if run is not None and self.system_metrics and interval:
+    record_dir = Path(record_dir) if record_dir is not None else None
+    # Every request of a training run retries briefly, the system-metrics thread's too: its directory
+    # keeps what an outage holds back, and a request that waited out MLflow's own retries (about four
+    # minutes) would hold the run's end that long.
+    with _quick_retries() if record_dir is not None else contextlib.nullcontext():
+        if not cfg.tracking.get("enabled", True):
+            yield None  # tracking=off
+            return
+        run = _start_run(cfg, kind, name, tags or {}, record_dir)
+        if params and not run.resumed:
+            run.log_params(flatten(cfg))
+        monitor = None
+        if system_metrics and (interval := cfg.tracking.get("system_metrics_interval_s")):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(
-                run.run_id, sampling_interval=interval, resume_logging=self.resumed,
+            monitor = SystemMetricsMonitor(
+                run.run_id, sampling_interval=interval, resume_logging=run.resumed,
                 tracking_uri=run.client.tracking_uri,
             )  # fmt: skip
-            self._monitor.start()
-        return run
+            monitor.start()
+        status, failure = "FINISHED", None
+        try:
+            yield run
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException as exc:
+            status, failure = "FAILED", " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+            raise
+        finally:
+            if monitor is not None:
+                monitor.finish()
+            end = {"status": status, "end_time": int(time.time() * 1000)}
+            if failure:
+                end["failure"] = failure
+            with _signals_held():
+                if record_dir is None:
+                    _end(run.client, run.run_id, end)
+                else:
+                    _end_recorded(run, end, record_dir)
 
-    def _open(self) -> Run | None:
-        from mlflow.tracking import MlflowClient
 
-        if not self.cfg.tracking.get("enabled", True):
-            return None  # tracking=off
-        uri = tracking_uri(self.cfg)
-        check_reachable(uri)
-        client = MlflowClient(tracking_uri=uri)
-        experiment = experiment_id(client, str(self.cfg.tracking.experiment_name), uri)
-        _end_orphaned_runs(client, experiment, self.kind)
-        previous = self._recorded_run_id(client)
-        if previous:
-            self.resumed = True
-            client.update_run(previous, status="RUNNING")
-            client.set_tag(previous, "resnet_lab.resumed", "true")
-            client.set_tag(previous, PID_TAG, str(os.getpid()))
-            (self.record_dir / STATUS_FILE).unlink(missing_ok=True)
-            self.run = Run(client, previous)
-            return self.run
-        created = client.create_run(
-            experiment,
-            run_name=self.name,
-            tags={
-                **context_tags(),
-                KIND_TAG: self.kind,
-                HOST_TAG: socket.gethostname(),
-                PID_TAG: str(os.getpid()),
-                **user_tags(self.cfg),
-                **self.tags,
-            },
-        )
-        self.run = Run(client, created.info.run_id)
-        if self.record_dir is not None:
-            self.record_dir.mkdir(parents=True, exist_ok=True)
-            (self.record_dir / STATUS_FILE).unlink(missing_ok=True)
-            write_text_atomically(
-                self.record_dir / RUN_ID_FILE,
-                json.dumps(
-                    {
-                        "run_id": self.run.run_id,
-                        "tracking_uri": mask_password(uri),
-                        "log_model": bool(self.cfg.tracking.get("log_model", False)),
-                    }
-                )
-                + "\n",
-            )
-        if self.params:
-            self.run.log_params(flatten(self.cfg))
-        return self.run
+def _start_run(cfg: DictConfig, kind: str, name: str, tags: dict[str, str], record_dir: Path | None) -> Run:
+    """A new run, or the one `record_dir` records (a restarted training run) set RUNNING again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    def _recorded_run_id(self, client) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        id_file = self.record_dir / RUN_ID_FILE if self.record_dir is not None else None
-        if id_file is None or not id_file.is_file():
-            return None
-        run_id = json.loads(id_file.read_text())["run_id"]
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = experiment_id(client, str(cfg.tracking.experiment_name), uri)
+    _end_orphaned_runs(client, experiment, kind)
+    if record_dir is not None and (record_dir / RUN_ID_FILE).is_file():
+        run_id = json.loads((record_dir / RUN_ID_FILE).read_text())["run_id"]
         try:
             client.get_run(run_id)
         except MlflowException:
-            return None
-        return run_id
+            pass  # not in this store: a new run
+        else:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "resnet_lab.resumed", "true")
+            client.set_tag(run_id, PID_TAG, str(os.getpid()))
+            (record_dir / STATUS_FILE).unlink(missing_ok=True)
+            return Run(client, run_id, resumed=True)
+    created = client.create_run(
+        experiment,
+        run_name=name,
+        tags={
+            **context_tags(),
+            KIND_TAG: kind,
+            HOST_TAG: socket.gethostname(),
+            PID_TAG: str(os.getpid()),
+            **user_tags(cfg),
+            **tags,
+        },
+    )
+    run = Run(client, created.info.run_id)
+    if record_dir is not None:
+        record_dir.mkdir(parents=True, exist_ok=True)
+        (record_dir / STATUS_FILE).unlink(missing_ok=True)
+        log_model = bool(cfg.tracking.get("log_model", False))
+        recorded = {"run_id": run.run_id, "tracking_uri": mask_password(uri), "log_model": log_model}
+        write_text_atomically(record_dir / RUN_ID_FILE, json.dumps(recorded) + "\n")
+    return run
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        with self._held:
-            return self._end_run(exc_type, exc)
 
-    def _end_run(self, exc_type, exc) -> bool:
-        if self.run is None:
-            return False
-        if self._monitor is not None:
-            self._monitor.finish()
-        end = {"status": "FINISHED", "end_time": int(time.time() * 1000)}
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            end["status"] = "KILLED"
-        elif exc_type is not None:
-            end.update(status="FAILED", failure=" ".join(f"{exc_type.__name__}: {exc}".split())[:4000])
-        with _signals_held():
-            if self.record_dir is None:
-                _end(self.run.client, self.run.run_id, end)
-                return False
-            write_text_atomically(self.record_dir / STATUS_FILE, json.dumps(end) + "\n")
-            try:
-                sync(self.record_dir, self.run.client, live=True)
-            except Exception as exc_sync:
-                if not _unreachable(exc_sync):
-                    raise
-                log.warning(
-                    "MLflow run %s stays RUNNING at %s until `python -m resnet_lab.tracking sync %s` "
-                    "sends what it lacks and its end (%s)",
-                    self.run.run_id, mask_password(self.run.client.tracking_uri), self.record_dir,
-                    end["status"],
-                )  # fmt: skip
-        return False
+def _end_recorded(run: Run, end: dict, record_dir: Path) -> None:
+    """End a training run: in its directory first, then in MLflow by a sync, or by a later one."""
+    write_text_atomically(record_dir / STATUS_FILE, json.dumps(end) + "\n")
+    try:
+        sync(record_dir, run.client, live=True)
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        log.warning(
+            "MLflow run %s stays RUNNING at %s until `python -m resnet_lab.tracking sync %s` "
+            "sends what it lacks and its end (%s)",
+            run.run_id, mask_password(run.client.tracking_uri), record_dir, end["status"],
+        )  # fmt: skip
 
 
 def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict:
@@ -714,13 +691,7 @@ def _log_model_once(client, run_id: str, path: Path) -> None:
         )
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core is a dependency
-    _HydraCallback = object
-
-
-class SweepParentRun(_HydraCallback):
+class SweepParentRun(Callback):
     """A Hydra callback that opens one MLflow parent run per multirun sweep.
 
     Every job's run carries it as `mlflow.parentRunId` (through the environment, which the joblib
@@ -728,31 +699,34 @@ class SweepParentRun(_HydraCallback):
     """
 
     def __init__(self) -> None:
-        self._opened: open_run | None = None
+        self._parent = contextlib.ExitStack()  # holds the parent run open until the sweep ends
+        self._run: Run | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         import atexit
 
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
-        self._opened = open_run(
-            config, "sweep", f"sweep {Path(sweep_dir).name}", tags={"hydra.sweep_dir": sweep_dir}
+        self._run = self._parent.enter_context(
+            open_run(config, "sweep", f"sweep {Path(sweep_dir).name}", tags={"hydra.sweep_dir": sweep_dir})
         )
-        run = self._opened.__enter__()
-        if run is not None:
-            os.environ[PARENT_RUN_ENV] = run.run_id
+        if self._run is not None:
+            os.environ[PARENT_RUN_ENV] = self._run.run_id
         # A sweep that dies skips on_multirun_end; the parent must not stay RUNNING.
         atexit.register(self._end, RuntimeError("the sweep ended before its last job"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if self._opened is not None and self._opened.run is not None:
-            summarize_sweep(self._opened.run)
+        if self._run is not None:
+            summarize_sweep(self._run)
         self._end(None)
 
     def _end(self, error: BaseException | None) -> None:
-        if self._opened is not None:
-            opened, self._opened = self._opened, None
-            os.environ.pop(PARENT_RUN_ENV, None)
-            opened.__exit__(type(error) if error else None, error, None)
+        """End the parent run, once: FAILED with `error`."""
+        os.environ.pop(PARENT_RUN_ENV, None)
+        self._parent.__exit__(type(error) if error else None, error, None)
+
+    def __reduce__(self):
+        # The joblib launcher pickles the callbacks for its workers: they get a fresh one, not the open run.
+        return (SweepParentRun, ())
 
 
 SWEEP_METRIC = "val_error"

@@ -132,7 +132,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
         size = (count_params(model), count_macs(model))
         with opened as run:
             if run is not None:
-                if not opened.resumed:
+                if not run.resumed:
                     run.log_params(
                         _resolved_params(cfg, model, size, precision, strategy.num_replicas_in_sync)
                     )
