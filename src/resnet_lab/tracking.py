@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -33,24 +34,25 @@ log = logging.getLogger(__name__)
 _DVC_TEMP_WORKSPACE = os.path.join(".dvc", "tmp", "exps")
 
 
-def repo_root(start: Path | None = None) -> Path:
-    """The repository root, seen through DVC's temporary experiment copies.
+def repo_root() -> Path:
+    """The repository root of the working directory, seen through DVC's temporary experiment copies.
 
     `dvc exp run --temp` and queued experiments run in `<repo>/.dvc/tmp/exps/<...>`; their runs must land
     in the store of `<repo>`, not of the copy, which DVC deletes.
     """
-    path = (start or Path.cwd()).resolve()
-    text = str(path)
-    marker = os.sep + _DVC_TEMP_WORKSPACE + os.sep
-    if marker in text + os.sep:
-        return Path((text + os.sep).split(marker, 1)[0])
+    path = Path.cwd().resolve()
+    repo, in_copy, _ = (str(path) + os.sep).partition(os.sep + _DVC_TEMP_WORKSPACE + os.sep)
+    if in_copy:
+        return Path(repo)
+    return Path(_git("rev-parse", "--show-toplevel") or path)
+
+
+def _git(*args: str) -> str | None:
+    """What `git ARGS` prints in the working directory; None outside a repository or without git."""
     try:
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return Path(top)
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return path
+        return None
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -92,10 +94,11 @@ def experiment_id(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
+    from mlflow.exceptions import MlflowException
+
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-    from mlflow.exceptions import MlflowException
 
     try:
         return client.create_experiment(name, artifact_location=location)
@@ -144,17 +147,10 @@ def _masked(cfg: DictConfig):
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """The resolved configuration as dotted keys, with any password in a URI masked."""
-    flat: dict[str, str] = {}
+    import pandas as pd
 
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = str(node)
-
-    walk(_masked(cfg), "")
-    return flat
+    (flat,) = pd.json_normalize(_masked(cfg)).to_dict("records")
+    return {key: str(value) for key, value in flat.items()}
 
 
 def masked_yaml(cfg: DictConfig) -> str:
@@ -196,14 +192,14 @@ def _health_failure(uri: str, timeout_s: float) -> str | None:
     return None
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def check_reachable(uri: str) -> None:
     """Fail before training, with the URI in the message, when the tracking store cannot be reached.
 
     Raises:
         ConfigError: an HTTP server that does not answer its health check, or a SQLite file in a
             directory that does not exist.
     """
-    if failure := _health_failure(uri, timeout_s):
+    if failure := _health_failure(uri, timeout_s=5.0):
         raise ConfigError(f"cannot reach the MLflow tracking server at {mask_password(uri)}: {failure}")
     folder = Path(uri[len("sqlite:///") :]).parent
     if uri.startswith("sqlite:///") and not folder.is_dir():
@@ -212,33 +208,18 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def context_tags() -> dict[str, str]:
     """Where a run came from: git commit, DVC experiment, Hydra sweep and job, parent sweep run."""
     tags: dict[str, str] = {}
-    if commit := git_commit():
+    if commit := _git("rev-parse", "HEAD"):
         tags["mlflow.source.git.commit"] = commit
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp_name
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode.name == "MULTIRUN":
-            tags["hydra.sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
-            tags["hydra.job_num"] = str(hydra_cfg.job.num)
-            # Hydra escapes the overrides (http\://user\:secret@host): masked as text, not parsed.
-            tags["hydra.overrides"] = _PASSWORD_IN_URI.sub(r"\1***@", ",".join(hydra_cfg.overrides.task))
-    except ValueError:
-        pass  # not inside a Hydra app
+    if HydraConfig.initialized() and (hydra_cfg := HydraConfig.get()).mode.name == "MULTIRUN":
+        tags["hydra.sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
+        tags["hydra.job_num"] = str(hydra_cfg.job.num)
+        # Hydra escapes the overrides (http\://user\:secret@host): masked as text, not parsed.
+        tags["hydra.overrides"] = _PASSWORD_IN_URI.sub(r"\1***@", ",".join(hydra_cfg.overrides.task))
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent
     return tags
@@ -261,9 +242,9 @@ class Run:
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
+        # MlflowClient.log_batch splits a long list into batches the store accepts.
         items = [Param(key, mask_password(str(value))[:6000]) for key, value in params.items()]
-        for start in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        self.client.log_batch(self.run_id, params=items)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, *, model_id=None, dataset=None) -> None:
         """Log at `step`; with `model_id` and `dataset` (an `mlflow.entities.Dataset`), linked to both."""
@@ -274,8 +255,7 @@ class Run:
         if dataset is not None:
             link.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
         items = [Metric(key, float(value), now, step, **link) for key, value in metrics.items()]
-        for start in range(0, len(items), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        self.client.log_batch(self.run_id, metrics=items)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -439,6 +419,7 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
     import hashlib
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     from resnet_lab.data import dataset_info
@@ -469,11 +450,11 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
         try:
             run.client.log_inputs(run.run_id, datasets=inputs)
             break
-        except Exception as exc:
+        except MlflowException as exc:
             # MLflow's SQL store looks a dataset up and then inserts it; two runs of a sweep logging
-            # the same new dataset at once can both miss it, and the later insert fails. Its retry
-            # finds the row the other run wrote.
-            if attempt == 2 or not _lost_insert_race(exc):
+            # the same new dataset at once can both miss it, and the later insert fails (IntegrityError).
+            # Its retry finds the row the other run wrote.
+            if attempt == 2 or "IntegrityError" not in exc.message:
                 raise
             log.info("MLflow run %s: another run logged the same dataset at once; logging again", run.run_id)
     return {split: i.dataset for split, i in zip(splits, inputs, strict=True)}
@@ -496,6 +477,8 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
     Returns:
         The version registered or found; None (with a warning) when the training run logged no model.
     """
+    from mlflow.exceptions import MlflowException
+
     residual = [m for m in members if m["summary"].get("family") == "residual"]
     if not residual:
         return None
@@ -510,8 +493,6 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
         return None
     name = f"resnet-lab-{cfg.data.name}"
     client = run.client
-    from mlflow.exceptions import MlflowException
-
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -528,7 +509,7 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
                 name, f"models:/{model_id}", run_id=source_run, model_id=model_id
             )
     tags = {"study_run": run.run_id, "verdict": answer, "member": best["member"]}
-    if commit := git_commit():
+    if commit := _git("rev-parse", "HEAD"):
         tags["git_commit"] = commit
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
@@ -556,12 +537,12 @@ def _end_orphaned_runs(client, experiment: str, kind: str) -> None:
     )
     for run in running:
         tags = run.data.tags
-        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
-            if not psutil.pid_exists(int(tags[PID_TAG])):
-                client.set_terminated(run.info.run_id, status="KILLED")
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def sync(record_dir: str | os.PathLike, client=None, *, live: bool = False) -> int:
+def sync(record_dir: str | os.PathLike, client, *, live: bool = False) -> int:
     """Bring a training run in MLflow up to date with its run directory; idempotent.
 
     The directory is the durable record: `history.csv` (written atomically every epoch), and at the end
@@ -571,7 +552,7 @@ def sync(record_dir: str | os.PathLike, client=None, *, live: bool = False) -> i
 
     Args:
         record_dir: a training run's directory (it holds `mlflow_run.json`).
-        client: an `MlflowClient`; one for the URI recorded in the directory when None.
+        client: an `MlflowClient` for the run's tracking store.
         live: called by the run itself, after an epoch or as it ends: its newest epoch and its end are on
             time, and only what an outage held back counts as late.
 
@@ -581,11 +562,9 @@ def sync(record_dir: str | os.PathLike, client=None, *, live: bool = False) -> i
     import math
 
     import pandas as pd
-    from mlflow.tracking import MlflowClient
 
     record_dir = Path(record_dir)
     recorded = json.loads((record_dir / RUN_ID_FILE).read_text())
-    client = client or MlflowClient(tracking_uri=recorded["tracking_uri"])
     run = Run(client, recorded["run_id"])
     history = record_dir / HISTORY_FILE
     sent: list[int] = []
@@ -762,9 +741,7 @@ def summarize_sweep(parent: Run) -> None:
     parent.log_metrics({f"{SWEEP_METRIC}/{row.job}": row[SWEEP_METRIC] for _, row in scored.iterrows()})
     if len(scored):
         best = scored.iloc[0]
-        metrics = {
-            k: v for k, v in best.items() if k not in ("job", "run_name", "run_id", "status") and pd.notna(v)
-        }
+        metrics = best.drop(["job", "run_name", "run_id", "status"]).dropna()
         parent.log_metrics({f"best/{k}": v for k, v in metrics.items()})
         parent.set_tags({"resnet_lab.best_run_id": best.run_id, "resnet_lab.best_run_name": best.run_name})
 
@@ -805,13 +782,6 @@ def _quick_retries():
             os.environ.pop(key, None)
 
 
-def _lost_insert_race(exc: BaseException) -> bool:
-    """Whether `exc` is a tracking store's unique-constraint failure (SQLAlchemy's IntegrityError)."""
-    from mlflow.exceptions import MlflowException
-
-    return isinstance(exc, MlflowException) and "IntegrityError" in exc.message
-
-
 def _unreachable(exc: BaseException) -> bool:
     """Whether `exc` means the tracking store is away (try later), not that the request was wrong."""
     import requests
@@ -820,10 +790,8 @@ def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError)):
         return True
     # MLflow reports a refused connection, a timeout and a 5xx after its retries as these.
-    return isinstance(exc, MlflowException) and exc.error_code in (
-        "INTERNAL_ERROR",
-        "TEMPORARILY_UNAVAILABLE",
-    )
+    away = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    return isinstance(exc, MlflowException) and exc.error_code in away
 
 
 @cli
