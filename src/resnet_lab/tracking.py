@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.files import write_text_atomically
@@ -133,7 +133,6 @@ _QUICK_RETRIES = {
 
 def _masked(cfg: DictConfig):
     """The resolved configuration as plain containers, with any password in a URI masked."""
-    from omegaconf import OmegaConf
 
     def mask(node):
         if isinstance(node, dict):
@@ -155,8 +154,6 @@ def flatten(cfg: DictConfig) -> dict[str, str]:
 
 def masked_yaml(cfg: DictConfig) -> str:
     """The resolved configuration as YAML with any password in a URI masked: the `config.yaml` a run logs."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_yaml(_masked(cfg))
 
 
@@ -757,16 +754,15 @@ def _signals_held():
         yield
         return
     held: list[int] = []
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum, handler in previous.items():
-        if handler is not None:
-            signal.signal(signum, lambda number, frame: held.append(number))
+    # A handler installed outside Python (getsignal() is None) cannot be put back: left alone.
+    previous = {n: h for n in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(n)) is not None}
+    for signum in previous:
+        signal.signal(signum, lambda number, frame: held.append(number))
     try:
         yield
     finally:
         for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+            signal.signal(signum, handler)
         if held:
             signal.raise_signal(held[0])
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from resnet_lab import tracking
 from resnet_lab.config import checkpoint_dir, member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.files import write_text_atomically
@@ -104,7 +105,6 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     """
     import keras
 
-    from resnet_lab import tracking
     from resnet_lab.models import build_from_config, count_macs, count_params, get_arch
 
     validate(cfg)
@@ -163,8 +163,6 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
 
 def _run_dirs(cfg: DictConfig, output_dir) -> tuple[Path, Path | None]:
     """The directory the run works in, and for a DVC stage the output directory it publishes to."""
-    from resnet_lab import tracking
-
     results_dir = None
     if output_dir is None:
         results_dir = run_dir(cfg)
@@ -313,8 +311,6 @@ def _discard_other_configs_checkpoint(work_dir: Path, config_yaml: str) -> None:
     DVC reruns a stage when a parameter changed: that run must start afresh, not resume another's epochs.
     """
     import shutil
-
-    from resnet_lab import tracking
 
     recorded = work_dir / "config.yaml"  # the same file that `train` writes as the run's configuration
     if work_dir.is_dir() and not (recorded.is_file() and recorded.read_text() == config_yaml):
