@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import pandas as pd
 
 from resnet_lab.files import write_text_atomically
@@ -71,14 +70,10 @@ class HistoryLogger(keras.callbacks.Callback):
             self._rows = [row for row in rows if int(row["epoch"]) <= epoch]
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        extra = sorted(k for k in logs if k.startswith("grad_norm/"))
-        self._rows.append(
-            {"epoch": epoch + 1, **{k: float(logs[k]) for k in (*HISTORY_COLUMNS[1:], *extra) if k in logs}}
-        )
-        columns = list(HISTORY_COLUMNS) + sorted(
-            {k for row in self._rows for k in row} - set(HISTORY_COLUMNS)
-        )
+        logged = (logs or {}).items()
+        values = {k: float(v) for k, v in logged if k in HISTORY_COLUMNS[1:] or k.startswith("grad_norm/")}
+        self._rows.append({"epoch": epoch + 1, **values})
+        columns = [*HISTORY_COLUMNS, *sorted({k for row in self._rows for k in row} - set(HISTORY_COLUMNS))]
         write_text_atomically(self.history_csv, pd.DataFrame(self._rows, columns=columns).to_csv(index=False))
         if self.on_epoch is not None:
             self.on_epoch()
@@ -105,11 +100,7 @@ class GradientNorms(keras.callbacks.Callback):
             logs.update({f"grad_norm/{stage}": norm for stage, norm in self.stage_norms().items()})
 
     def stage_norms(self) -> dict[str, float]:
-        """The L2 norm of the loss gradient over each stage's variables (`conv1` ... `conv5`, `predictions`).
-
-        Returns:
-            Stage name to norm.
-        """
+        """Stage name -> the L2 norm of the loss gradient over its variables (`conv1` ... `predictions`)."""
         import tensorflow as tf
 
         if self._probe is None:
@@ -129,4 +120,4 @@ class GradientNorms(keras.callbacks.Callback):
                 continue
             stage = variable.path.split("/")[0].split("_")[0]
             squares[stage] = squares.get(stage, 0.0) + float(tf.reduce_sum(tf.cast(grad, "float32") ** 2))
-        return {stage: math.sqrt(total) for stage, total in sorted(squares.items()) if np.isfinite(total)}
+        return {stage: math.sqrt(total) for stage, total in sorted(squares.items()) if math.isfinite(total)}

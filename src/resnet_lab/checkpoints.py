@@ -11,6 +11,7 @@ reads, or starts afresh.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -58,11 +59,9 @@ def restorable(backup_dir: str | os.PathLike) -> tuple[int, Path] | None:
         for name in os.listdir(backup_dir)
         if (match := _WEIGHTS.match(name))
     )[::-1]
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):  # no metadata, or damaged
         named = json.loads((backup_dir / METADATA_FILE).read_text())["weights"]
         candidates.sort(key=lambda candidate: candidate[1].name != named)
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
     for epoch, path in candidates:
         problem = _readable(path)
         if problem is None:

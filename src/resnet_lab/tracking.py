@@ -22,7 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.files import write_text_atomically
@@ -32,24 +34,25 @@ log = logging.getLogger(__name__)
 _DVC_TEMP_WORKSPACE = os.path.join(".dvc", "tmp", "exps")
 
 
-def repo_root(start: Path | None = None) -> Path:
-    """The repository root, seen through DVC's temporary experiment copies.
+def repo_root() -> Path:
+    """The repository root of the working directory, seen through DVC's temporary experiment copies.
 
     `dvc exp run --temp` and queued experiments run in `<repo>/.dvc/tmp/exps/<...>`; their runs must land
     in the store of `<repo>`, not of the copy, which DVC deletes.
     """
-    path = (start or Path.cwd()).resolve()
-    text = str(path)
-    marker = os.sep + _DVC_TEMP_WORKSPACE + os.sep
-    if marker in text + os.sep:
-        return Path((text + os.sep).split(marker, 1)[0])
+    path = Path.cwd().resolve()
+    repo, in_copy, _ = (str(path) + os.sep).partition(os.sep + _DVC_TEMP_WORKSPACE + os.sep)
+    if in_copy:
+        return Path(repo)
+    return Path(_git("rev-parse", "--show-toplevel") or path)
+
+
+def _git(*args: str) -> str | None:
+    """What `git ARGS` prints in the working directory; None outside a repository or without git."""
     try:
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        return Path(top)
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return path
+        return None
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -91,10 +94,11 @@ def experiment_id(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment:
         return experiment.experiment_id
+    from mlflow.exceptions import MlflowException
+
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-    from mlflow.exceptions import MlflowException
 
     try:
         return client.create_experiment(name, artifact_location=location)
@@ -129,7 +133,6 @@ _QUICK_RETRIES = {
 
 def _masked(cfg: DictConfig):
     """The resolved configuration as plain containers, with any password in a URI masked."""
-    from omegaconf import OmegaConf
 
     def mask(node):
         if isinstance(node, dict):
@@ -143,23 +146,14 @@ def _masked(cfg: DictConfig):
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
     """The resolved configuration as dotted keys, with any password in a URI masked."""
-    flat: dict[str, str] = {}
+    import pandas as pd
 
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = str(node)
-
-    walk(_masked(cfg), "")
-    return flat
+    (flat,) = pd.json_normalize(_masked(cfg)).to_dict("records")
+    return {key: str(value) for key, value in flat.items()}
 
 
 def masked_yaml(cfg: DictConfig) -> str:
     """The resolved configuration as YAML with any password in a URI masked: the `config.yaml` a run logs."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_yaml(_masked(cfg))
 
 
@@ -195,14 +189,14 @@ def _health_failure(uri: str, timeout_s: float) -> str | None:
     return None
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def check_reachable(uri: str) -> None:
     """Fail before training, with the URI in the message, when the tracking store cannot be reached.
 
     Raises:
         ConfigError: an HTTP server that does not answer its health check, or a SQLite file in a
             directory that does not exist.
     """
-    if failure := _health_failure(uri, timeout_s):
+    if failure := _health_failure(uri, timeout_s=5.0):
         raise ConfigError(f"cannot reach the MLflow tracking server at {mask_password(uri)}: {failure}")
     folder = Path(uri[len("sqlite:///") :]).parent
     if uri.startswith("sqlite:///") and not folder.is_dir():
@@ -211,33 +205,18 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
-def git_commit(cwd: Path | None = None) -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def context_tags() -> dict[str, str]:
     """Where a run came from: git commit, DVC experiment, Hydra sweep and job, parent sweep run."""
     tags: dict[str, str] = {}
-    if commit := git_commit():
+    if commit := _git("rev-parse", "HEAD"):
         tags["mlflow.source.git.commit"] = commit
     if exp_name := os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = exp_name
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode.name == "MULTIRUN":
-            tags["hydra.sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
-            tags["hydra.job_num"] = str(hydra_cfg.job.num)
-            # Hydra escapes the overrides (http\://user\:secret@host): masked as text, not parsed.
-            tags["hydra.overrides"] = _PASSWORD_IN_URI.sub(r"\1***@", ",".join(hydra_cfg.overrides.task))
-    except ValueError:
-        pass  # not inside a Hydra app
+    if HydraConfig.initialized() and (hydra_cfg := HydraConfig.get()).mode.name == "MULTIRUN":
+        tags["hydra.sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
+        tags["hydra.job_num"] = str(hydra_cfg.job.num)
+        # Hydra escapes the overrides (http\://user\:secret@host): masked as text, not parsed.
+        tags["hydra.overrides"] = _PASSWORD_IN_URI.sub(r"\1***@", ",".join(hydra_cfg.overrides.task))
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent
     return tags
@@ -252,16 +231,17 @@ def user_tags(cfg: DictConfig) -> dict[str, str]:
 class Run:
     """An open MLflow run, as the stages log to it through `MlflowClient` by explicit run id."""
 
-    def __init__(self, client, run_id: str):
+    def __init__(self, client, run_id: str, *, resumed: bool = False):
         self.client = client
         self.run_id = run_id
+        self.resumed = resumed
 
     def log_params(self, params: dict) -> None:
         from mlflow.entities import Param
 
+        # MlflowClient.log_batch splits a long list into batches the store accepts.
         items = [Param(key, mask_password(str(value))[:6000]) for key, value in params.items()]
-        for start in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+        self.client.log_batch(self.run_id, params=items)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, *, model_id=None, dataset=None) -> None:
         """Log at `step`; with `model_id` and `dataset` (an `mlflow.entities.Dataset`), linked to both."""
@@ -272,8 +252,7 @@ class Run:
         if dataset is not None:
             link.update(dataset_name=dataset.name, dataset_digest=dataset.digest)
         items = [Metric(key, float(value), now, step, **link) for key, value in metrics.items()]
-        for start in range(0, len(items), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=items[start : start + 1000])
+        self.client.log_batch(self.run_id, metrics=items)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -286,14 +265,24 @@ class Run:
             self.client.set_tag(self.run_id, key, value)
 
 
-class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
-    """The one place where this project's MLflow runs begin and end.
+@contextlib.contextmanager
+def open_run(
+    cfg: DictConfig,
+    kind: str,
+    name: str,
+    *,
+    tags: dict[str, str] | None = None,
+    record_dir: str | os.PathLike | None = None,
+    params: bool = False,
+    system_metrics: bool = False,
+):
+    """The one place where this project's MLflow runs begin and end: `with open_run(...) as run:`.
 
-    `with open_run(cfg, kind, name) as run:` creates the run (tagged `resnet_lab.kind`, the host and
-    process, the git commit and any Hydra sweep), and ends it FINISHED when the block completes, KILLED on
-    Ctrl-C or SIGTERM (which the entry points raise as KeyboardInterrupt), FAILED with the reason in the
-    `resnet_lab.failure` tag on any other exception: never left RUNNING. Runs of the same kind that a kill
-    -9 on this machine left RUNNING are ended KILLED when the next one opens.
+    The run is tagged `resnet_lab.kind`, the host and process, the git commit and any Hydra sweep. It ends
+    FINISHED when the block completes, KILLED on Ctrl-C or SIGTERM (which the entry points raise as
+    KeyboardInterrupt), FAILED with the reason in the `resnet_lab.failure` tag on any other exception:
+    never left RUNNING. Runs of the same kind that a kill -9 on this machine left RUNNING are ended KILLED
+    when the next one opens.
 
     With `record_dir`, the run belongs to a run directory, the durable record (see `sync`): the run id is
     kept there so that a restarted run continues it, the end is written there first, and the run is
@@ -301,152 +290,117 @@ class open_run:  # noqa: N801  used as a function: `with open_run(...) as run:`
     RUNNING until `python -m resnet_lab.tracking sync DIR`.
 
     Args:
-        cfg: the configuration (`tracking`); with `params=True` its resolved values become the run's
-            parameters.
+        cfg: the configuration (`tracking`).
         kind: `train`, `evaluate`, `study`, `bench` or `sweep`.
         name: the run name shown in the UI.
         tags: more tags.
         record_dir: the run directory of a training run.
-        params: log `cfg` as parameters (a new run only).
+        params: log `cfg`'s resolved values as parameters (a new run only).
         system_metrics: sample MLflow's system metrics every `tracking.system_metrics_interval_s`
             while the run is open (a resumed run continues their steps).
+
+    Yields:
+        The `Run` (`resumed` when it continues the one recorded in `record_dir`); None with `tracking=off`.
     """
-
-    def __init__(
-        self,
-        cfg: DictConfig,
-        kind: str,
-        name: str,
-        *,
-        tags: dict[str, str] | None = None,
-        record_dir: str | os.PathLike | None = None,
-        params: bool = False,
-        system_metrics: bool = False,
-    ):
-        self.cfg, self.kind, self.name = cfg, kind, name
-        self.tags = tags or {}
-        self.record_dir = Path(record_dir) if record_dir is not None else None
-        self.params = params
-        self.system_metrics = system_metrics
-        self.run: Run | None = None
-        self.resumed = False
-        self._monitor = None
-        self._held = contextlib.ExitStack()  # what the run holds until it ends
-
-    def __enter__(self) -> Run | None:
-        with contextlib.ExitStack() as held:
-            if self.record_dir is not None:
-                # Every request of a training run retries briefly, the system-metrics thread's too: its
-                # directory keeps what an outage holds back, and a request that waited out MLflow's own
-                # retries (about four minutes) would hold the run's end that long.
-                held.enter_context(_quick_retries())
-            run = self._open()
-            self._held = held.pop_all()
-        interval = self.cfg.tracking.get("system_metrics_interval_s")
-        if run is not None and self.system_metrics and interval:
+    record_dir = Path(record_dir) if record_dir is not None else None
+    # Every request of a training run retries briefly, the system-metrics thread's too: its directory
+    # keeps what an outage holds back, and a request that waited out MLflow's own retries (about four
+    # minutes) would hold the run's end that long.
+    with _quick_retries() if record_dir is not None else contextlib.nullcontext():
+        if not cfg.tracking.get("enabled", True):
+            yield None  # tracking=off
+            return
+        run = _start_run(cfg, kind, name, tags or {}, record_dir)
+        if params and not run.resumed:
+            run.log_params(flatten(cfg))
+        monitor = None
+        if system_metrics and (interval := cfg.tracking.get("system_metrics_interval_s")):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(
-                run.run_id, sampling_interval=interval, resume_logging=self.resumed,
+            monitor = SystemMetricsMonitor(
+                run.run_id, sampling_interval=interval, resume_logging=run.resumed,
                 tracking_uri=run.client.tracking_uri,
             )  # fmt: skip
-            self._monitor.start()
-        return run
+            monitor.start()
+        status, failure = "FINISHED", None
+        try:
+            yield run
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException as exc:
+            status, failure = "FAILED", " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+            raise
+        finally:
+            if monitor is not None:
+                monitor.finish()
+            end = {"status": status, "end_time": int(time.time() * 1000)}
+            if failure:
+                end["failure"] = failure
+            with _signals_held():
+                if record_dir is None:
+                    _end(run.client, run.run_id, end)
+                else:
+                    _end_recorded(run, end, record_dir)
 
-    def _open(self) -> Run | None:
-        from mlflow.tracking import MlflowClient
 
-        if not self.cfg.tracking.get("enabled", True):
-            return None  # tracking=off
-        uri = tracking_uri(self.cfg)
-        check_reachable(uri)
-        client = MlflowClient(tracking_uri=uri)
-        experiment = experiment_id(client, str(self.cfg.tracking.experiment_name), uri)
-        _end_orphaned_runs(client, experiment, self.kind)
-        previous = self._recorded_run_id(client)
-        if previous:
-            self.resumed = True
-            client.update_run(previous, status="RUNNING")
-            client.set_tag(previous, "resnet_lab.resumed", "true")
-            client.set_tag(previous, PID_TAG, str(os.getpid()))
-            (self.record_dir / STATUS_FILE).unlink(missing_ok=True)
-            self.run = Run(client, previous)
-            return self.run
-        created = client.create_run(
-            experiment,
-            run_name=self.name,
-            tags={
-                **context_tags(),
-                KIND_TAG: self.kind,
-                HOST_TAG: socket.gethostname(),
-                PID_TAG: str(os.getpid()),
-                **user_tags(self.cfg),
-                **self.tags,
-            },
-        )
-        self.run = Run(client, created.info.run_id)
-        if self.record_dir is not None:
-            self.record_dir.mkdir(parents=True, exist_ok=True)
-            (self.record_dir / STATUS_FILE).unlink(missing_ok=True)
-            write_text_atomically(
-                self.record_dir / RUN_ID_FILE,
-                json.dumps(
-                    {
-                        "run_id": self.run.run_id,
-                        "tracking_uri": mask_password(uri),
-                        "log_model": bool(self.cfg.tracking.get("log_model", False)),
-                    }
-                )
-                + "\n",
-            )
-        if self.params:
-            self.run.log_params(flatten(self.cfg))
-        return self.run
+def _start_run(cfg: DictConfig, kind: str, name: str, tags: dict[str, str], record_dir: Path | None) -> Run:
+    """A new run, or the one `record_dir` records (a restarted training run) set RUNNING again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    def _recorded_run_id(self, client) -> str | None:
-        from mlflow.exceptions import MlflowException
-
-        id_file = self.record_dir / RUN_ID_FILE if self.record_dir is not None else None
-        if id_file is None or not id_file.is_file():
-            return None
-        run_id = json.loads(id_file.read_text())["run_id"]
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = experiment_id(client, str(cfg.tracking.experiment_name), uri)
+    _end_orphaned_runs(client, experiment, kind)
+    if record_dir is not None and (record_dir / RUN_ID_FILE).is_file():
+        run_id = json.loads((record_dir / RUN_ID_FILE).read_text())["run_id"]
         try:
             client.get_run(run_id)
         except MlflowException:
-            return None
-        return run_id
+            pass  # not in this store: a new run
+        else:
+            client.update_run(run_id, status="RUNNING")
+            client.set_tag(run_id, "resnet_lab.resumed", "true")
+            client.set_tag(run_id, PID_TAG, str(os.getpid()))
+            (record_dir / STATUS_FILE).unlink(missing_ok=True)
+            return Run(client, run_id, resumed=True)
+    created = client.create_run(
+        experiment,
+        run_name=name,
+        tags={
+            **context_tags(),
+            KIND_TAG: kind,
+            HOST_TAG: socket.gethostname(),
+            PID_TAG: str(os.getpid()),
+            **user_tags(cfg),
+            **tags,
+        },
+    )
+    run = Run(client, created.info.run_id)
+    if record_dir is not None:
+        record_dir.mkdir(parents=True, exist_ok=True)
+        (record_dir / STATUS_FILE).unlink(missing_ok=True)
+        log_model = bool(cfg.tracking.get("log_model", False))
+        recorded = {"run_id": run.run_id, "tracking_uri": mask_password(uri), "log_model": log_model}
+        write_text_atomically(record_dir / RUN_ID_FILE, json.dumps(recorded) + "\n")
+    return run
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        with self._held:
-            return self._end_run(exc_type, exc)
 
-    def _end_run(self, exc_type, exc) -> bool:
-        if self.run is None:
-            return False
-        if self._monitor is not None:
-            self._monitor.finish()
-        end = {"status": "FINISHED", "end_time": int(time.time() * 1000)}
-        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            end["status"] = "KILLED"
-        elif exc_type is not None:
-            end.update(status="FAILED", failure=" ".join(f"{exc_type.__name__}: {exc}".split())[:4000])
-        with _signals_held():
-            if self.record_dir is None:
-                _end(self.run.client, self.run.run_id, end)
-                return False
-            write_text_atomically(self.record_dir / STATUS_FILE, json.dumps(end) + "\n")
-            try:
-                sync(self.record_dir, self.run.client, live=True)
-            except Exception as exc_sync:
-                if not _unreachable(exc_sync):
-                    raise
-                log.warning(
-                    "MLflow run %s stays RUNNING at %s until `python -m resnet_lab.tracking sync %s` "
-                    "sends what it lacks and its end (%s)",
-                    self.run.run_id, mask_password(self.run.client.tracking_uri), self.record_dir,
-                    end["status"],
-                )  # fmt: skip
-        return False
+def _end_recorded(run: Run, end: dict, record_dir: Path) -> None:
+    """End a training run: in its directory first, then in MLflow by a sync, or by a later one."""
+    write_text_atomically(record_dir / STATUS_FILE, json.dumps(end) + "\n")
+    try:
+        sync(record_dir, run.client, live=True)
+    except Exception as exc:
+        if not _unreachable(exc):
+            raise
+        log.warning(
+            "MLflow run %s stays RUNNING at %s until `python -m resnet_lab.tracking sync %s` "
+            "sends what it lacks and its end (%s)",
+            run.run_id, mask_password(run.client.tracking_uri), record_dir, end["status"],
+        )  # fmt: skip
 
 
 def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict:
@@ -462,6 +416,7 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
     import hashlib
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     from resnet_lab.data import dataset_info
@@ -492,11 +447,11 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
         try:
             run.client.log_inputs(run.run_id, datasets=inputs)
             break
-        except Exception as exc:
+        except MlflowException as exc:
             # MLflow's SQL store looks a dataset up and then inserts it; two runs of a sweep logging
-            # the same new dataset at once can both miss it, and the later insert fails. Its retry
-            # finds the row the other run wrote.
-            if attempt == 2 or not _lost_insert_race(exc):
+            # the same new dataset at once can both miss it, and the later insert fails (IntegrityError).
+            # Its retry finds the row the other run wrote.
+            if attempt == 2 or "IntegrityError" not in exc.message:
                 raise
             log.info("MLflow run %s: another run logged the same dataset at once; logging again", run.run_id)
     return {split: i.dataset for split, i in zip(splits, inputs, strict=True)}
@@ -519,6 +474,8 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
     Returns:
         The version registered or found; None (with a warning) when the training run logged no model.
     """
+    from mlflow.exceptions import MlflowException
+
     residual = [m for m in members if m["summary"].get("family") == "residual"]
     if not residual:
         return None
@@ -533,8 +490,6 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
         return None
     name = f"resnet-lab-{cfg.data.name}"
     client = run.client
-    from mlflow.exceptions import MlflowException
-
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -551,7 +506,7 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
                 name, f"models:/{model_id}", run_id=source_run, model_id=model_id
             )
     tags = {"study_run": run.run_id, "verdict": answer, "member": best["member"]}
-    if commit := git_commit():
+    if commit := _git("rev-parse", "HEAD"):
         tags["git_commit"] = commit
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
@@ -579,12 +534,12 @@ def _end_orphaned_runs(client, experiment: str, kind: str) -> None:
     )
     for run in running:
         tags = run.data.tags
-        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit():
-            if not psutil.pid_exists(int(tags[PID_TAG])):
-                client.set_terminated(run.info.run_id, status="KILLED")
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def sync(record_dir: str | os.PathLike, client=None, *, live: bool = False) -> int:
+def sync(record_dir: str | os.PathLike, client, *, live: bool = False) -> int:
     """Bring a training run in MLflow up to date with its run directory; idempotent.
 
     The directory is the durable record: `history.csv` (written atomically every epoch), and at the end
@@ -594,7 +549,7 @@ def sync(record_dir: str | os.PathLike, client=None, *, live: bool = False) -> i
 
     Args:
         record_dir: a training run's directory (it holds `mlflow_run.json`).
-        client: an `MlflowClient`; one for the URI recorded in the directory when None.
+        client: an `MlflowClient` for the run's tracking store.
         live: called by the run itself, after an epoch or as it ends: its newest epoch and its end are on
             time, and only what an outage held back counts as late.
 
@@ -604,11 +559,9 @@ def sync(record_dir: str | os.PathLike, client=None, *, live: bool = False) -> i
     import math
 
     import pandas as pd
-    from mlflow.tracking import MlflowClient
 
     record_dir = Path(record_dir)
     recorded = json.loads((record_dir / RUN_ID_FILE).read_text())
-    client = client or MlflowClient(tracking_uri=recorded["tracking_uri"])
     run = Run(client, recorded["run_id"])
     history = record_dir / HISTORY_FILE
     sent: list[int] = []
@@ -714,13 +667,7 @@ def _log_model_once(client, run_id: str, path: Path) -> None:
         )
 
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra-core is a dependency
-    _HydraCallback = object
-
-
-class SweepParentRun(_HydraCallback):
+class SweepParentRun(Callback):
     """A Hydra callback that opens one MLflow parent run per multirun sweep.
 
     Every job's run carries it as `mlflow.parentRunId` (through the environment, which the joblib
@@ -728,31 +675,34 @@ class SweepParentRun(_HydraCallback):
     """
 
     def __init__(self) -> None:
-        self._opened: open_run | None = None
+        self._parent = contextlib.ExitStack()  # holds the parent run open until the sweep ends
+        self._run: Run | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         import atexit
 
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
-        self._opened = open_run(
-            config, "sweep", f"sweep {Path(sweep_dir).name}", tags={"hydra.sweep_dir": sweep_dir}
+        self._run = self._parent.enter_context(
+            open_run(config, "sweep", f"sweep {Path(sweep_dir).name}", tags={"hydra.sweep_dir": sweep_dir})
         )
-        run = self._opened.__enter__()
-        if run is not None:
-            os.environ[PARENT_RUN_ENV] = run.run_id
+        if self._run is not None:
+            os.environ[PARENT_RUN_ENV] = self._run.run_id
         # A sweep that dies skips on_multirun_end; the parent must not stay RUNNING.
         atexit.register(self._end, RuntimeError("the sweep ended before its last job"))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if self._opened is not None and self._opened.run is not None:
-            summarize_sweep(self._opened.run)
+        if self._run is not None:
+            summarize_sweep(self._run)
         self._end(None)
 
     def _end(self, error: BaseException | None) -> None:
-        if self._opened is not None:
-            opened, self._opened = self._opened, None
-            os.environ.pop(PARENT_RUN_ENV, None)
-            opened.__exit__(type(error) if error else None, error, None)
+        """End the parent run, once: FAILED with `error`."""
+        os.environ.pop(PARENT_RUN_ENV, None)
+        self._parent.__exit__(type(error) if error else None, error, None)
+
+    def __reduce__(self):
+        # The joblib launcher pickles the callbacks for its workers: they get a fresh one, not the open run.
+        return (SweepParentRun, ())
 
 
 SWEEP_METRIC = "val_error"
@@ -788,9 +738,7 @@ def summarize_sweep(parent: Run) -> None:
     parent.log_metrics({f"{SWEEP_METRIC}/{row.job}": row[SWEEP_METRIC] for _, row in scored.iterrows()})
     if len(scored):
         best = scored.iloc[0]
-        metrics = {
-            k: v for k, v in best.items() if k not in ("job", "run_name", "run_id", "status") and pd.notna(v)
-        }
+        metrics = best.drop(["job", "run_name", "run_id", "status"]).dropna()
         parent.log_metrics({f"best/{k}": v for k, v in metrics.items()})
         parent.set_tags({"resnet_lab.best_run_id": best.run_id, "resnet_lab.best_run_name": best.run_name})
 
@@ -806,16 +754,15 @@ def _signals_held():
         yield
         return
     held: list[int] = []
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum, handler in previous.items():
-        if handler is not None:
-            signal.signal(signum, lambda number, frame: held.append(number))
+    # A handler installed outside Python (getsignal() is None) cannot be put back: left alone.
+    previous = {n: h for n in (signal.SIGINT, signal.SIGTERM) if (h := signal.getsignal(n)) is not None}
+    for signum in previous:
+        signal.signal(signum, lambda number, frame: held.append(number))
     try:
         yield
     finally:
         for signum, handler in previous.items():
-            if handler is not None:
-                signal.signal(signum, handler)
+            signal.signal(signum, handler)
         if held:
             signal.raise_signal(held[0])
 
@@ -831,13 +778,6 @@ def _quick_retries():
             os.environ.pop(key, None)
 
 
-def _lost_insert_race(exc: BaseException) -> bool:
-    """Whether `exc` is a tracking store's unique-constraint failure (SQLAlchemy's IntegrityError)."""
-    from mlflow.exceptions import MlflowException
-
-    return isinstance(exc, MlflowException) and "IntegrityError" in exc.message
-
-
 def _unreachable(exc: BaseException) -> bool:
     """Whether `exc` means the tracking store is away (try later), not that the request was wrong."""
     import requests
@@ -846,10 +786,8 @@ def _unreachable(exc: BaseException) -> bool:
     if isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError)):
         return True
     # MLflow reports a refused connection, a timeout and a 5xx after its retries as these.
-    return isinstance(exc, MlflowException) and exc.error_code in (
-        "INTERNAL_ERROR",
-        "TEMPORARILY_UNAVAILABLE",
-    )
+    away = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    return isinstance(exc, MlflowException) and exc.error_code in away
 
 
 @cli

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from resnet_lab import tracking
 from resnet_lab.config import checkpoint_dir, member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
 from resnet_lab.files import write_text_atomically
@@ -104,8 +105,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     """
     import keras
 
-    from resnet_lab import tracking
-    from resnet_lab.models import count_macs, count_params, get_arch
+    from resnet_lab.models import build_from_config, count_macs, count_params, get_arch
 
     validate(cfg)
     work_dir, results_dir = _run_dirs(cfg, output_dir)
@@ -126,16 +126,18 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     )
     with _runtime(cfg) as (strategy, precision):
         # Data and model first: bad input fails on one line before a run is opened.
-        data = _datasets(cfg, work_dir, strategy.num_replicas_in_sync)
+        data = _datasets(cfg, work_dir)
+        spec, replicas = data["spec"], strategy.num_replicas_in_sync
         with strategy.scope():
-            model = _model(cfg, data)
+            model = build_from_config(
+                cfg.model, spec.num_classes, spec.input_shape, cfg.optimizer.weight_decay
+            )
+            compile_model(model, cfg, data["train_steps"], replicas=replicas)
         size = (count_params(model), count_macs(model))
         with opened as run:
             if run is not None:
-                if not opened.resumed:
-                    run.log_params(
-                        _resolved_params(cfg, model, size, precision, strategy.num_replicas_in_sync)
-                    )
+                if not run.resumed:
+                    run.log_params(_resolved_params(cfg, model, size, precision, replicas))
                     tracking.log_dataset_inputs(run, cfg, ("train", "validation"))
                 write_text_atomically(work_dir / "config.yaml", tracking.masked_yaml(cfg))
                 write_text_atomically(work_dir / "model_summary.txt", _summary_text(model))
@@ -161,8 +163,6 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
 
 def _run_dirs(cfg: DictConfig, output_dir) -> tuple[Path, Path | None]:
     """The directory the run works in, and for a DVC stage the output directory it publishes to."""
-    from resnet_lab import tracking
-
     results_dir = None
     if output_dir is None:
         results_dir = run_dir(cfg)
@@ -203,16 +203,18 @@ def _runtime(cfg: DictConfig):
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _datasets(cfg: DictConfig, work_dir: Path, replicas: int) -> dict:
+def _datasets(cfg: DictConfig, work_dir: Path) -> dict:
     """The training stream (resumed where the checkpoint stops), validation, a probe for gradient norms."""
     import tensorflow as tf
 
     from resnet_lab import data as data_lib
+    from resnet_lab.checkpoints import restorable
 
     spec = data_lib.data_spec(cfg)
+    found = restorable(work_dir / "backup") if cfg.trainer.checkpoint else None
     train_ds, train_steps = _split(
         data_lib, spec, "train", cfg, cfg.trainer.steps_per_epoch, training=True,
-        skip_epochs=_finished_epochs(work_dir) if cfg.trainer.checkpoint else 0,
+        skip_epochs=found[0] if found else 0,
     )  # fmt: skip
     val_ds, val_steps = _split(
         data_lib, spec, "validation", cfg, cfg.trainer.validation_steps, training=False
@@ -224,18 +226,9 @@ def _datasets(cfg: DictConfig, work_dir: Path, replicas: int) -> dict:
             ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes))) for ds in (train_ds, val_ds, probe_ds)
         )
     return {
-        "spec": spec, "replicas": replicas, "train": train_ds, "train_steps": train_steps,
+        "spec": spec, "train": train_ds, "train_steps": train_steps,
         "validation": val_ds, "validation_steps": val_steps, "probe": probe_ds,
     }  # fmt: skip
-
-
-def _model(cfg: DictConfig, data: dict):
-    from resnet_lab.models import build_from_config
-
-    spec = data["spec"]
-    model = build_from_config(cfg.model, spec.num_classes, spec.input_shape, cfg.optimizer.weight_decay)
-    compile_model(model, cfg, data["train_steps"], replicas=data["replicas"])
-    return model
 
 
 def _resolved_params(cfg: DictConfig, model, size: tuple[int, int], precision: str, replicas: int) -> dict:
@@ -284,16 +277,32 @@ def _save_results(
     cfg: DictConfig, arch, model, size, work_dir: Path, train_time: float, run, steps: int
 ) -> dict:
     """The model, the learning curve and `summary.json` in the run directory (MLflow gets them by sync)."""
+    import pandas as pd
+
     model.save(work_dir / "model.keras")
-    _plot_learning_curve(work_dir / "history.csv", work_dir / "learning_curve.png", cfg.model.name)
-    run_id = run.run_id if run is not None else None
-    summary = _summary(cfg, arch, *size, work_dir, train_time, run_id)
-    summary["steps"] = int(steps) * int(cfg.trainer.epochs)
+    history = pd.read_csv(work_dir / "history.csv")
+    _plot_learning_curve(history, work_dir / "learning_curve.png", cfg.model.name)
+    last = history.iloc[-1]
+    summary = {
+        "model": cfg.model.name,
+        "seed": int(cfg.seed),
+        "family": arch.family,
+        "depth": arch.depth,
+        "params": size[0],
+        "macs": size[1],
+        "epochs": int(last["epoch"]),
+        "train_time_s": round(train_time, 3),
+        "images_per_sec": float(history["images_per_sec"].mean()),
+        "final": {
+            k: float(last[k]) for k in ("loss", "accuracy", "error", "val_loss", "val_accuracy", "val_error")
+        },
+        "best": {"error": float(history["error"].min()), "val_error": float(history["val_error"].min())},
+        "mlflow_run_id": run.run_id if run is not None else None,
+        "dataset": cfg.data.name,
+        "steps": int(steps) * int(cfg.trainer.epochs),
+    }
     write_text_atomically(work_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-STAGE_CONFIG_FILE = "config.yaml"
 
 
 def _discard_other_configs_checkpoint(work_dir: Path, config_yaml: str) -> None:
@@ -303,9 +312,7 @@ def _discard_other_configs_checkpoint(work_dir: Path, config_yaml: str) -> None:
     """
     import shutil
 
-    from resnet_lab import tracking
-
-    recorded = work_dir / STAGE_CONFIG_FILE
+    recorded = work_dir / "config.yaml"  # the same file that `train` writes as the run's configuration
     if work_dir.is_dir() and not (recorded.is_file() and recorded.read_text() == config_yaml):
         if (work_dir / "backup").exists() or (work_dir / tracking.RUN_ID_FILE).exists():
             print(f"{work_dir} holds a checkpoint of another configuration: starting afresh", file=sys.stderr)
@@ -328,14 +335,6 @@ def _publish_results(work_dir: Path, results_dir: Path) -> None:
             if item.is_file():
                 shutil.copy2(item, staging / item.name)
     shutil.rmtree(work_dir, ignore_errors=True)
-
-
-def _finished_epochs(output_dir: Path) -> int:
-    """The epochs that the checkpoint in `output_dir` will restore: 0 for a fresh run."""
-    from resnet_lab.checkpoints import restorable
-
-    found = restorable(output_dir / "backup")
-    return found[0] if found else 0
 
 
 def _split(data_lib, spec, split, cfg, steps, *, training, skip_epochs=0):
@@ -363,39 +362,13 @@ def _summary_text(model) -> str:
     return "\n".join(lines)
 
 
-def _summary(cfg, arch, params, macs, output_dir: Path, train_time: float, run_id: str) -> dict:
-    import pandas as pd
-
-    history = pd.read_csv(output_dir / "history.csv")
-    last = history.iloc[-1]
-    return {
-        "model": cfg.model.name,
-        "seed": int(cfg.seed),
-        "family": arch.family,
-        "depth": arch.depth,
-        "params": params,
-        "macs": macs,
-        "epochs": int(last["epoch"]),
-        "train_time_s": round(train_time, 3),
-        "images_per_sec": float(history["images_per_sec"].mean()),
-        "final": {
-            k: float(last[k]) for k in ("loss", "accuracy", "error", "val_loss", "val_accuracy", "val_error")
-        },
-        "best": {"error": float(history["error"].min()), "val_error": float(history["val_error"].min())},
-        "mlflow_run_id": run_id,
-        "dataset": cfg.data.name,
-    }
-
-
-def _plot_learning_curve(history_csv: Path, png: Path, title: str) -> Path:
+def _plot_learning_curve(history, png: Path, title: str) -> None:
     """Training error thin, validation error bold, as in Fig. 4 of the paper."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
-    history = pd.read_csv(history_csv)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     ax.plot(history["epoch"], 100 * history["error"], lw=1, color="C0", label="train error")
     ax.plot(history["epoch"], 100 * history["val_error"], lw=2.5, color="C0", label="validation error")
@@ -405,21 +378,16 @@ def _plot_learning_curve(history_csv: Path, png: Path, title: str) -> Path:
     fig.tight_layout()
     fig.savefig(png)
     plt.close(fig)
-    return png
-
-
-def _hydra_output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def _hydra_main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
     from resnet_lab.prepare import ensure_prepared
 
     validate(cfg)  # before a dataset is built for a configuration that cannot train
     ensure_prepared(cfg)
-    metrics = train(cfg, output_dir=_hydra_output_dir())
+    metrics = train(cfg, output_dir=HydraConfig.get().runtime.output_dir)
     # What a sweeper minimises.
     return metrics["val_error"]
 
@@ -429,7 +397,7 @@ def stage_main(argv: list[str]) -> None:
     """DVC's train stage: `train(cfg)` on params.yaml, writing to models/<model>-<seed>."""
     cfg = stage_config(argv, description=stage_main.__doc__)
     metrics = train(cfg)
-    print(json.dumps({k: v for k, v in metrics.items()}, indent=2))
+    print(json.dumps(metrics, indent=2))
 
 
 def sigterm_as_interrupt(signum, frame):
