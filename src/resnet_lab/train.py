@@ -279,9 +279,12 @@ def _save_results(
     """The model, the learning curve and `summary.json` in the run directory (MLflow gets them by sync)."""
     import pandas as pd
 
+    from resnet_lab.report import curves_frame, plot_learning_curves
+
     model.save(work_dir / "model.keras")
     history = pd.read_csv(work_dir / "history.csv")
-    _plot_learning_curve(history, work_dir / "learning_curve.png", cfg.model.name)
+    curves = curves_frame({(cfg.model.name, int(cfg.seed)): history})
+    plot_learning_curves(curves, work_dir / "learning_curve.png", title=cfg.model.name)
     last = history.iloc[-1]
     summary = {
         "model": cfg.model.name,
@@ -360,24 +363,6 @@ def _summary_text(model) -> str:
     lines: list[str] = []
     model.summary(line_length=110, print_fn=lambda line, **_: lines.append(line))
     return "\n".join(lines)
-
-
-def _plot_learning_curve(history, png: Path, title: str) -> None:
-    """Training error thin, validation error bold, as in Fig. 4 of the paper."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    ax.plot(history["epoch"], 100 * history["error"], lw=1, color="C0", label="train error")
-    ax.plot(history["epoch"], 100 * history["val_error"], lw=2.5, color="C0", label="validation error")
-    ax.set(xlabel="epoch", ylabel="error (%)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
 
 
 def _hydra_main(cfg: DictConfig) -> float:
