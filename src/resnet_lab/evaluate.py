@@ -84,16 +84,9 @@ def evaluate_model(model, dataset: Iterable, class_names: Sequence[str], *, prog
         out_of_range = labels[(labels < 0) | (labels >= num_classes)]
         if out_of_range.size:
             raise ValueError(f"label {int(out_of_range[0])} is not a class index in [0, {num_classes})")
-        rows = np.arange(labels.size)
-        if from_logits:
-            shifted = outputs - outputs.max(axis=-1, keepdims=True)
-            log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-            batch_losses = -log_probs[rows, labels]
-        else:
-            # Keras's cross-entropy on probabilities: renormalise, then clip away log(0).
-            probs = outputs / outputs.sum(axis=-1, keepdims=True)
-            epsilon = keras.config.epsilon()
-            batch_losses = -np.log(np.clip(probs[rows, labels], epsilon, 1.0 - epsilon))
+        batch_losses = np.asarray(
+            keras.losses.sparse_categorical_crossentropy(labels, outputs, from_logits=from_logits)
+        )
         predictions = outputs.argmax(axis=-1)
         np.add.at(confusion, (labels, predictions), 1)
         loss_sum += float(batch_losses.sum())
