@@ -131,21 +131,15 @@ def _welch_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, thr
     from scipy import stats
 
     difference = float(subject.mean() - reference.mean())
-    var_s, var_r = subject.var(ddof=1) / subject.size, reference.var(ddof=1) / reference.size
-    se = math.sqrt(var_s + var_r)
+    se = math.sqrt(subject.var(ddof=1) / subject.size + reference.var(ddof=1) / reference.size)
     if se < 1e-12:  # identical errors in every seed, up to float rounding: the difference decides
         holds = difference > threshold if side == "greater" else difference < threshold
         return difference, (difference, difference), (difference, difference), 0.0 if holds else 1.0
-    df = (var_s + var_r) ** 2 / (var_s**2 / (subject.size - 1) + var_r**2 / (reference.size - 1))
-    half_width, one_sided = stats.t.ppf(0.975, df) * se, stats.t.ppf(1 - alpha, df) * se
-    z = (difference - threshold) / se
-    p_value = float(stats.t.sf(z, df) if side == "greater" else stats.t.cdf(z, df))
-    return (
-        difference,
-        (difference - half_width, difference + half_width),
-        (difference - one_sided, difference + one_sided),
-        p_value,
-    )
+    welch = stats.ttest_ind(subject, reference, equal_var=False)
+    # The two-sided interval at 1 - 2 alpha has the two one-sided bounds at 1 - alpha as its ends.
+    bounds = welch.confidence_interval(1 - 2 * alpha)
+    p_value = stats.ttest_ind(subject - threshold, reference, equal_var=False, alternative=side).pvalue
+    return difference, tuple(welch.confidence_interval(0.95)), tuple(bounds), float(p_value)
 
 
 def _rank_test(subject: np.ndarray, reference: np.ndarray, *, alpha: float, threshold: float, side: str):
@@ -799,9 +793,6 @@ def render_report(
         slopes: what `convergence` returned.
         seeds_markdown: what `render_seeds` returned: the errors the tests compared, seed by seed.
         seeds_figure: the `plot_final_errors` figure, relative to the report.
-
-    Returns:
-        The Markdown text.
     """
     falling = [model for model, slope in slopes.items() if not slope["converged"]]
     convergence_note = (
