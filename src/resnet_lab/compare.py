@@ -58,21 +58,6 @@ def _claims(cfg: DictConfig) -> list[dict]:
     return [dict(claim) for claim in OmegaConf.to_container(cfg.study.claims, resolve=True)]
 
 
-def check_study(cfg: DictConfig) -> None:
-    """Reject a study that cannot be tested as registered (`resnet_lab.report.check_design`).
-
-    Raises:
-        ConfigError: the fault, in one line.
-    """
-    validate(cfg)
-    try:
-        check_design(
-            list(cfg.study.models), _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin)
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
 def load_members(cfg: DictConfig) -> list[dict]:
     """Read every study member's training summary, learning curves and evaluation.
 
@@ -88,7 +73,13 @@ def load_members(cfg: DictConfig) -> list[dict]:
             or evaluated; the message names each such member and the stage to run.
     """
     members_cfg = study_members(cfg)
-    check_study(cfg)
+    validate(cfg)
+    try:
+        check_design(
+            list(cfg.study.models), _claims(cfg), alpha=float(cfg.study.alpha), margin=float(cfg.study.margin)
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     members, incomplete = [], []
     for member_cfg in members_cfg:
         model, seed, member = str(member_cfg.model.name), int(member_cfg.seed), member_name(member_cfg)
