@@ -483,9 +483,8 @@ def plot_learning_curves(curves: pd.DataFrame, path: str | os.PathLike, *, title
     axes[0].set_ylabel("error (%)")
     if title:
         figure.suptitle(title)
-    path = Path(path)
     figure.savefig(path, dpi=120)
-    return path
+    return Path(path)
 
 
 def plot_final_errors(
@@ -519,9 +518,8 @@ def plot_final_errors(
     ax.set_ylim(bottom=0)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title(title or "one dot per seed, a line at the median", fontsize="medium")
-    path = Path(path)
     figure.savefig(path, dpi=120)
-    return path
+    return Path(path)
 
 
 def render_seeds(errors: Mapping[str, Mapping[int, float]]) -> str:
@@ -581,9 +579,8 @@ def plot_confusion_matrix(
             ax.text(predicted, actual, str(count), ha="center", va="center", color=shade, fontsize="small")
     if title:
         ax.set_title(title)
-    path = Path(path)
     figure.savefig(path, dpi=120)
-    return path
+    return Path(path)
 
 
 def member_record(summary: Mapping, evaluation: Mapping | None = None) -> dict:
