@@ -94,9 +94,7 @@ class GradientNorms(keras.callbacks.Callback):
         self._probe = None
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.every or (epoch + 1) % self.every:
-            return
-        if logs is not None:
+        if self.every and (epoch + 1) % self.every == 0 and logs is not None:
             logs.update({f"grad_norm/{stage}": norm for stage, norm in self.stage_norms().items()})
 
     def stage_norms(self) -> dict[str, float]:

@@ -79,10 +79,7 @@ def restorable(backup_dir: str | os.PathLike) -> tuple[int, Path] | None:
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """Keras's `BackupAndRestore` (one backup per epoch) whose checkpoints are whole or absent."""
-
-    def __init__(self, backup_dir: str | os.PathLike):
-        super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=True)
+    """Keras's `BackupAndRestore` (one backup per epoch, by default) with checkpoints whole or absent."""
 
     def on_train_begin(self, logs=None):
         found = restorable(self.backup_dir)

@@ -495,11 +495,10 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    model_id = logged[0].model_id
-    versions = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == source_run]
-    if versions:
+    if versions := client.search_model_versions(f"name = '{name}' and run_id = '{source_run}'"):
         version = versions[0]
     else:
+        model_id = logged[0].model_id
         # The registry resolves `models:/<id>` through the fluent API's store: point it at this one.
         with _fluent_tracking_uri(client.tracking_uri):
             version = client.create_model_version(
