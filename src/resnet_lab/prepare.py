@@ -42,7 +42,6 @@ from resnet_lab.data import (
     DESCRIPTION_FILE,
     FORMAT_VERSION,
     dataset_info,
-    description_path,
     file_sha256,
     prepared_dir,
     read_split,
@@ -104,7 +103,9 @@ def prepare(cfg: DictConfig) -> dict:
     files, splits = {}, {}
     for split, indices in index_files.items():
         file = f"{split}_indices.npy"
-        files[file] = _npy_bytes(indices)
+        buffer = io.BytesIO()
+        np.save(buffer, indices, allow_pickle=False)
+        files[file] = buffer.getvalue()
         splits[split] = {
             "source": "train",
             "indices": file,
@@ -152,7 +153,7 @@ def ensure_prepared(cfg: DictConfig) -> dict:
     from filelock import FileLock
 
     def current() -> dict | None:
-        if not description_path(cfg).is_file():
+        if not (prepared_dir(cfg) / DESCRIPTION_FILE).is_file():
             return None
         info = dataset_info(cfg)
         split = (info["seed"], info["validation_fraction"])
@@ -242,7 +243,7 @@ def _probe(url_per_host: dict[str, str]) -> dict[str, str]:
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             failures.setdefault(host, f"no answer within {PROBE_TIMEOUT_S:g} s")
-    return dict(failures)
+    return failures
 
 
 def _download_failed(builder: tfds.core.DatasetBuilder, pending: dict, manual_dir: Path, reason: str) -> str:
@@ -313,12 +314,6 @@ def _tfds_files(builder: tfds.core.DatasetBuilder, data_dir: Path) -> dict:
         path.relative_to(data_dir).as_posix(): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         for path in files
     }
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 @cli
