@@ -198,11 +198,7 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, *, data_dir: Path, 
 
 
 def _pending_downloads(builder: tfds.core.DatasetBuilder, *, download_dir: Path, manual_dir: Path) -> dict:
-    """The builder's registered downloads that are neither in `manual_dir` nor in TFDS's download cache.
-
-    Returns:
-        url -> the file name TFDS expects in `manual_dir`.
-    """
+    """url -> the file name TFDS expects in `manual_dir`, for each download in neither it nor TFDS's cache."""
     pending = {}
     for url, url_info in (builder.url_infos or {}).items():
         if url_info.filename and (manual_dir / url_info.filename).exists():
@@ -214,11 +210,7 @@ def _pending_downloads(builder: tfds.core.DatasetBuilder, *, download_dir: Path,
 
 
 def _probe(url_per_host: dict[str, str]) -> dict[str, str]:
-    """Ask each host for one URL with a short timeout; any HTTP answer means it is reachable.
-
-    Returns:
-        host -> why it is unreachable, for the hosts that are.
-    """
+    """host -> why it is unreachable, for each host without an HTTP answer (any status) to one URL in time."""
     failures: dict[str, str] = {}
 
     def ask(host: str, url: str) -> None:
@@ -318,11 +310,7 @@ def _tfds_files(builder: tfds.core.DatasetBuilder, data_dir: Path) -> dict:
 
 @cli
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m resnet_lab.prepare [--params params.yaml] [key=value ...]`: the DVC `prepare` stage.
-
-    Args:
-        argv: the arguments after the program name; `sys.argv[1:]` when None.
-    """
+    """Command line: ``python -m resnet_lab.prepare [--params params.yaml] [KEY=VALUE ...]``."""
     cfg = stage_config(argv, description="Build the TFDS dataset and its train/validation split.")
     description = prepare(cfg)
     counts = ", ".join(f"{split} {entry['num_examples']}" for split, entry in description["splits"].items())
