@@ -6,10 +6,17 @@ does not recompose), the Hydra app and the tests compose `conf/` directly.
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -42,11 +49,6 @@ def compose(overrides: Sequence[str] = (), *, return_hydra_config: bool = False)
     Raises:
         ConfigError: an override Hydra cannot apply, or a value of the wrong type.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
@@ -90,12 +92,6 @@ def stage_config(argv: Sequence[str] | None = None, *, description: str = "") ->
     Returns:
         `params.yaml` with the overrides applied.
     """
-    import argparse
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-    from hydra.errors import HydraException
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=PARAMS_FILE, help="composed configuration (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.name=plain34 seed=1")

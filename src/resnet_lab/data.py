@@ -53,10 +53,7 @@ class DataSpec:
         return len(self.class_names)
 
     def num_batches(self, split: str, batch_size: int, *, training: bool) -> int:
-        """Batches of the global `batch_size` that `make_dataset` yields per pass (steps per epoch).
-
-        Training drops the last partial batch.
-        """
+        """Batches of the global `batch_size` per pass (steps per epoch); training drops a partial one."""
         count = self.num_examples[split]
         return count // batch_size if training else math.ceil(count / batch_size)
 
@@ -91,10 +88,6 @@ def prepared_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.prepared_dir) / cfg.data.name
 
 
-def description_path(cfg: DictConfig) -> Path:
-    return prepared_dir(cfg) / DESCRIPTION_FILE
-
-
 def dataset_info(cfg: DictConfig) -> dict:
     """Read `prepared_dir(cfg)/dataset.json` and verify the split index files and TFDS's files.
 
@@ -108,7 +101,7 @@ def dataset_info(cfg: DictConfig) -> dict:
         DataError: the file is missing, unreadable, for another dataset, or an index file or a TFDS file
             is missing or does not match its checksum.
     """
-    path = description_path(cfg)
+    path = prepared_dir(cfg) / DESCRIPTION_FILE
     if not path.is_file():
         raise DataError(
             f"{path} not found: prepare {cfg.data.name} first (python -m resnet_lab.prepare "
@@ -150,13 +143,12 @@ def _check_tfds_files(data_dir: Path, files: dict) -> None:
         if not path.is_file():
             raise DataError(f"{path} is missing: rerun the prepare stage")
         stat = path.stat()
-        size = stat.st_size
-        key = (str(path.resolve()), size, stat.st_mtime_ns)
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
         if key in _VERIFIED:
             continue
-        if size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
+        if stat.st_size != expected["bytes"] or file_sha256(path) != expected["sha256"]:
             raise DataError(
-                f"{path} does not match the checksum in dataset.json ({size} bytes, prepared with "
+                f"{path} does not match the checksum in dataset.json ({stat.st_size} bytes, prepared with "
                 f"{expected['bytes']}): the TFDS data is corrupted; delete it and rerun the prepare stage"
             )
         _VERIFIED.add(key)

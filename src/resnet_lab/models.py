@@ -120,9 +120,11 @@ class _Options:
     regularizer: keras.regularizers.Regularizer | None
 
 
-def _conv(x, filters, kernel_size, stride, name, opts: _Options, *, padding="same"):
-    # No bias: a BatchNormalization follows every conv and its beta plays that part.
-    return layers.Conv2D(
+def _conv_bn(
+    x, filters, kernel_size, stride, name, opts: _Options, *, relu=False, zero_gamma=False, padding="same"
+):
+    # No bias: the BatchNormalization after every conv has a beta that plays that part.
+    x = layers.Conv2D(
         filters,
         kernel_size,
         strides=stride,
@@ -132,16 +134,14 @@ def _conv(x, filters, kernel_size, stride, name, opts: _Options, *, padding="sam
         kernel_regularizer=opts.regularizer,
         name=f"{name}_conv",
     )(x)
-
-
-def _bn(x, name, opts: _Options, *, zero_gamma: bool = False):
     # epsilon 1e-5 as in the reference implementations; momentum is Keras's (1 - PyTorch's).
-    return layers.BatchNormalization(
+    x = layers.BatchNormalization(
         momentum=opts.bn_momentum,
         epsilon=1e-5,
         gamma_initializer="zeros" if zero_gamma else "ones",
         name=f"{name}_bn",
     )(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x) if relu else x
 
 
 def _shortcut(x, out_channels, stride, name, opts: _Options):
@@ -149,7 +149,7 @@ def _shortcut(x, out_channels, stride, name, opts: _Options):
         return x
     if opts.shortcut == "A":
         return ZeroPadShortcut(stride, out_channels, name=f"{name}_0_pad")(x)
-    return _bn(_conv(x, out_channels, 1, stride, f"{name}_0", opts), f"{name}_0", opts)
+    return _conv_bn(x, out_channels, 1, stride, f"{name}_0", opts)
 
 
 def _merge(x, shortcut, name, opts: _Options):
@@ -161,10 +161,8 @@ def _merge(x, shortcut, name, opts: _Options):
 def basic_block(x, filters, stride, name, opts: _Options):
     """Two 3x3 convs (Fig. 2); the stride sits on the first."""
     shortcut = _shortcut(x, filters, stride, name, opts) if opts.residual else None
-    x = _conv(x, filters, 3, stride, f"{name}_1", opts)
-    x = layers.Activation("relu", name=f"{name}_1_relu")(_bn(x, f"{name}_1", opts))
-    x = _conv(x, filters, 3, 1, f"{name}_2", opts)
-    x = _bn(x, f"{name}_2", opts, zero_gamma=opts.zero_init_residual and opts.residual)
+    x = _conv_bn(x, filters, 3, stride, f"{name}_1", opts, relu=True)
+    x = _conv_bn(x, filters, 3, 1, f"{name}_2", opts, zero_gamma=opts.zero_init_residual)
     return _merge(x, shortcut, name, opts)
 
 
@@ -172,12 +170,9 @@ def bottleneck_block(x, filters, stride, name, opts: _Options):
     """1x1 reduce, 3x3, 1x1 restore with x4 expansion (Fig. 5 right); the stride sits on the 3x3."""
     out_channels = filters * EXPANSION["bottleneck"]
     shortcut = _shortcut(x, out_channels, stride, name, opts) if opts.residual else None
-    x = _conv(x, filters, 1, 1, f"{name}_1", opts)
-    x = layers.Activation("relu", name=f"{name}_1_relu")(_bn(x, f"{name}_1", opts))
-    x = _conv(x, filters, 3, stride, f"{name}_2", opts)
-    x = layers.Activation("relu", name=f"{name}_2_relu")(_bn(x, f"{name}_2", opts))
-    x = _conv(x, out_channels, 1, 1, f"{name}_3", opts)
-    x = _bn(x, f"{name}_3", opts, zero_gamma=opts.zero_init_residual and opts.residual)
+    x = _conv_bn(x, filters, 1, 1, f"{name}_1", opts, relu=True)
+    x = _conv_bn(x, filters, 3, stride, f"{name}_2", opts, relu=True)
+    x = _conv_bn(x, out_channels, 1, 1, f"{name}_3", opts, zero_gamma=opts.zero_init_residual)
     return _merge(x, shortcut, name, opts)
 
 
@@ -231,10 +226,6 @@ def build_model(
     shortcut = shortcut or DEFAULT_SHORTCUT[arch.layout]
     if shortcut not in ("A", "B"):
         raise ValueError(f"unknown shortcut {shortcut!r}; choose one of ['A', 'B']")
-    if not 0.0 <= bn_momentum < 1.0:
-        raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum!r}")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     width = BASE_WIDTH[arch.layout] if width is None else width
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be a positive integer, got {width!r}")
@@ -253,7 +244,7 @@ def build_model(
     opts = _Options(
         residual=arch.residual,
         shortcut=shortcut,
-        zero_init_residual=zero_init_residual,
+        zero_init_residual=zero_init_residual and arch.residual,  # a plain net has no residual unit
         bn_momentum=bn_momentum,
         regularizer=keras.regularizers.L2(weight_decay / 2) if weight_decay else None,
     )
@@ -261,13 +252,11 @@ def build_model(
     inputs = keras.Input(shape=input_shape, name="image")
     if stem == "imagenet":
         x = layers.ZeroPadding2D(3, name="conv1_pad")(inputs)
-        x = _conv(x, stage_filters[0], 7, 2, "conv1", opts, padding="valid")
-        x = layers.Activation("relu", name="conv1_relu")(_bn(x, "conv1", opts))
+        x = _conv_bn(x, stage_filters[0], 7, 2, "conv1", opts, relu=True, padding="valid")
         x = layers.ZeroPadding2D(1, name="pool1_pad")(x)
         x = layers.MaxPooling2D(3, strides=2, name="pool1_pool")(x)
     else:
-        x = _conv(inputs, stage_filters[0], 3, 1, "conv1", opts)
-        x = layers.Activation("relu", name="conv1_relu")(_bn(x, "conv1", opts))
+        x = _conv_bn(inputs, stage_filters[0], 3, 1, "conv1", opts, relu=True)
 
     block = BLOCKS[arch.block]
     for stage_index, (filters, num_blocks) in enumerate(

@@ -42,7 +42,6 @@ from resnet_lab.data import (
     DESCRIPTION_FILE,
     FORMAT_VERSION,
     dataset_info,
-    description_path,
     file_sha256,
     prepared_dir,
     read_split,
@@ -104,7 +103,9 @@ def prepare(cfg: DictConfig) -> dict:
     files, splits = {}, {}
     for split, indices in index_files.items():
         file = f"{split}_indices.npy"
-        files[file] = _npy_bytes(indices)
+        buffer = io.BytesIO()
+        np.save(buffer, indices, allow_pickle=False)
+        files[file] = buffer.getvalue()
         splits[split] = {
             "source": "train",
             "indices": file,
@@ -152,7 +153,7 @@ def ensure_prepared(cfg: DictConfig) -> dict:
     from filelock import FileLock
 
     def current() -> dict | None:
-        if not description_path(cfg).is_file():
+        if not (prepared_dir(cfg) / DESCRIPTION_FILE).is_file():
             return None
         info = dataset_info(cfg)
         split = (info["seed"], info["validation_fraction"])
@@ -197,11 +198,7 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, *, data_dir: Path, 
 
 
 def _pending_downloads(builder: tfds.core.DatasetBuilder, *, download_dir: Path, manual_dir: Path) -> dict:
-    """The builder's registered downloads that are neither in `manual_dir` nor in TFDS's download cache.
-
-    Returns:
-        url -> the file name TFDS expects in `manual_dir`.
-    """
+    """url -> the file name TFDS expects in `manual_dir`, for each download in neither it nor TFDS's cache."""
     pending = {}
     for url, url_info in (builder.url_infos or {}).items():
         if url_info.filename and (manual_dir / url_info.filename).exists():
@@ -213,11 +210,7 @@ def _pending_downloads(builder: tfds.core.DatasetBuilder, *, download_dir: Path,
 
 
 def _probe(url_per_host: dict[str, str]) -> dict[str, str]:
-    """Ask each host for one URL with a short timeout; any HTTP answer means it is reachable.
-
-    Returns:
-        host -> why it is unreachable, for the hosts that are.
-    """
+    """host -> why it is unreachable, for each host without an HTTP answer (any status) to one URL in time."""
     failures: dict[str, str] = {}
 
     def ask(host: str, url: str) -> None:
@@ -242,7 +235,7 @@ def _probe(url_per_host: dict[str, str]) -> dict[str, str]:
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             failures.setdefault(host, f"no answer within {PROBE_TIMEOUT_S:g} s")
-    return dict(failures)
+    return failures
 
 
 def _download_failed(builder: tfds.core.DatasetBuilder, pending: dict, manual_dir: Path, reason: str) -> str:
@@ -315,19 +308,9 @@ def _tfds_files(builder: tfds.core.DatasetBuilder, data_dir: Path) -> dict:
     }
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
 @cli
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m resnet_lab.prepare [--params params.yaml] [key=value ...]`: the DVC `prepare` stage.
-
-    Args:
-        argv: the arguments after the program name; `sys.argv[1:]` when None.
-    """
+    """Command line: ``python -m resnet_lab.prepare [--params params.yaml] [KEY=VALUE ...]``."""
     cfg = stage_config(argv, description="Build the TFDS dataset and its train/validation split.")
     description = prepare(cfg)
     counts = ", ".join(f"{split} {entry['num_examples']}" for split, entry in description["splits"].items())
