@@ -19,6 +19,7 @@ from keras import layers
 from omegaconf import OmegaConf
 
 from resnet_lab.errors import cli
+from resnet_lab.schema import SHORTCUTS, STEMS
 
 Layout = Literal["imagenet", "cifar"]
 Block = Literal["basic", "bottleneck"]
@@ -221,11 +222,11 @@ def build_model(
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     stem = stem or arch.layout
-    if stem not in ("imagenet", "cifar"):
-        raise ValueError(f"unknown stem {stem!r}; choose one of ['cifar', 'imagenet']")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {list(STEMS)}")
     shortcut = shortcut or DEFAULT_SHORTCUT[arch.layout]
-    if shortcut not in ("A", "B"):
-        raise ValueError(f"unknown shortcut {shortcut!r}; choose one of ['A', 'B']")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut {shortcut!r}; choose one of {list(SHORTCUTS)}")
     width = BASE_WIDTH[arch.layout] if width is None else width
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"width must be a positive integer, got {width!r}")

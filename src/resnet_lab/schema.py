@@ -48,12 +48,16 @@ class Data:
     cache: bool
 
 
+STEMS = ("cifar", "imagenet")  # resnet_lab.models: Sec. 4.2's 3x3 stem, or Table 1's 7x7/2 and max-pool
+SHORTCUTS = ("A", "B")  # Sec. 3.3: zero-padding identity, or 1x1 projection where the shape changes
+
+
 @dataclass
 class Model:
     name: str  # a key of resnet_lab.models.ARCHS
-    stem: str
+    stem: str = _one_of(*STEMS)
     width: int | None = _positive_or_null()
-    shortcut: str
+    shortcut: str = _one_of(*SHORTCUTS)
     zero_init_residual: bool
     bn_momentum: float = _below_one()
 
