@@ -26,7 +26,7 @@ from resnet_lab.errors import ConfigError, cli
 from resnet_lab.files import staged_files
 from resnet_lab.report import plot_confusion_matrix
 from resnet_lab.schema import validate
-from resnet_lab.tracking import Run, log_dataset_inputs, tracking_uri
+from resnet_lab.tracking import Run, log_dataset_inputs, logged_model_id, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def _log_to_training_run(
     uri = tracking_uri(cfg)
     client = MlflowClient(tracking_uri=uri)
     try:
-        experiment = client.get_run(run_id).info.experiment_id
+        client.get_run(run_id)
     except MlflowException as exc:
         raise ConfigError(
             f"MLflow run {run_id!r} of {cfg.model.name} seed {cfg.seed} is not in the store {uri}: {exc}"
@@ -155,8 +155,7 @@ def _log_to_training_run(
     run = Run(client, run_id)
     test = log_dataset_inputs(run, cfg, ("test",))["test"]
     # MLflow 3's logged models: the test numbers belong to the model and the test dataset as well.
-    logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
-    model_id = logged[0].model_id if logged else None
+    model_id = logged_model_id(client, run_id)
     run.log_metrics({key: numbers[key] for key in LOGGED_METRICS if not key.startswith("test_")}, step=step)
     test_numbers = {key: numbers[key] for key in LOGGED_METRICS if key.startswith("test_")}
     run.log_metrics(test_numbers, step=step, model_id=model_id, dataset=test)

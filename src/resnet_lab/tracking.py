@@ -481,11 +481,8 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
         return None
     best = min(residual, key=lambda m: m["evaluation"]["test_error"])
     source_run = best["summary"].get("mlflow_run_id")
-    experiment = run.client.get_run(run.run_id).info.experiment_id
-    logged = run.client.search_logged_models(
-        experiment_ids=[experiment], filter_string=f"source_run_id = '{source_run}'"
-    ) if source_run else []  # fmt: skip
-    if not logged:
+    model_id = logged_model_id(run.client, source_run) if source_run else None
+    if model_id is None:
         log.warning("%s logged no model (tracking.log_model): no champion registered", best["member"])
         return None
     name = f"resnet-lab-{cfg.data.name}"
@@ -498,7 +495,6 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
     if versions := client.search_model_versions(f"name = '{name}' and run_id = '{source_run}'"):
         version = versions[0]
     else:
-        model_id = logged[0].model_id
         # The registry resolves `models:/<id>` through the fluent API's store: point it at this one.
         with _fluent_tracking_uri(client.tracking_uri):
             version = client.create_model_version(
@@ -627,13 +623,16 @@ def live_sync(record_dir: Path, client):
     return on_epoch
 
 
+def logged_model_id(client, run_id: str) -> str | None:
+    """The id of the model that run `run_id` logged (MLflow 3's logged models); None when it logged none."""
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    return logged[0].model_id if logged else None
+
+
 def _log_model_once(client, run_id: str, path: Path) -> None:
     """Log `model.keras` with MLflow's Keras flavour, unless the run already has its logged model."""
-    experiment = client.get_run(run_id).info.experiment_id
-    logged = client.search_logged_models(
-        experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'"
-    )
-    if logged:
+    if logged_model_id(client, run_id) is not None:
         return
     import keras
     import mlflow
