@@ -481,7 +481,8 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
         return None
     best = min(residual, key=lambda m: m["evaluation"]["test_error"])
     source_run = best["summary"].get("mlflow_run_id")
-    model_id = logged_model_id(run.client, source_run) if source_run else None
+    experiment = run.client.get_run(run.run_id).info.experiment_id  # the study's: its members' too
+    model_id = logged_model_id(run.client, source_run, experiment) if source_run else None
     if model_id is None:
         log.warning("%s logged no model (tracking.log_model): no champion registered", best["member"])
         return None
@@ -623,9 +624,13 @@ def live_sync(record_dir: Path, client):
     return on_epoch
 
 
-def logged_model_id(client, run_id: str) -> str | None:
-    """The id of the model that run `run_id` logged (MLflow 3's logged models); None when it logged none."""
-    experiment = client.get_run(run_id).info.experiment_id
+def logged_model_id(client, run_id: str, experiment: str | None = None) -> str | None:
+    """The id of the model that run `run_id` logged (MLflow 3's logged models); None when it logged none.
+
+    Args:
+        experiment: where to look; the run's own when None.
+    """
+    experiment = experiment or client.get_run(run_id).info.experiment_id
     logged = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
     return logged[0].model_id if logged else None
 
