@@ -127,8 +127,12 @@ def dataset_info(cfg: DictConfig) -> dict:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (`hashlib.file_digest` needs Python 3.11)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # (path, size, mtime) of the TFDS files already verified by this process: a run reads the description
