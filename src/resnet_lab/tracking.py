@@ -157,23 +157,14 @@ def masked_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(_masked(cfg))
 
 
-_PASSWORD_IN_URI = re.compile(r"(://[^/\s:@]+\\?:)[^/\s@]+@")
+# A URI's password as `urlsplit` reads it: after the user's first colon, up to the last `@` before the
+# path; the optional backslash finds it in Hydra's escaped overrides too (`http\://user\:secret@host`).
+_PASSWORD_IN_URI = re.compile(r"(://[^/?#:]*\\?:)[^/?#]+@")
 
 
 def mask_password(value: str) -> str:
     """`scheme://user:secret@host` -> `scheme://user:***@host`; anything else unchanged."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "://" not in value:
-        return value
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return value
-    if not parts.password:
-        return value
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return _PASSWORD_IN_URI.sub(r"\1***@", value)
 
 
 def _health_failure(uri: str, timeout_s: float) -> str | None:
@@ -215,8 +206,7 @@ def context_tags() -> dict[str, str]:
     if HydraConfig.initialized() and (hydra_cfg := HydraConfig.get()).mode.name == "MULTIRUN":
         tags["hydra.sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
         tags["hydra.job_num"] = str(hydra_cfg.job.num)
-        # Hydra escapes the overrides (http\://user\:secret@host): masked as text, not parsed.
-        tags["hydra.overrides"] = _PASSWORD_IN_URI.sub(r"\1***@", ",".join(hydra_cfg.overrides.task))
+        tags["hydra.overrides"] = ",".join(map(mask_password, hydra_cfg.overrides.task))
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent
     return tags
