@@ -144,14 +144,6 @@ def _masked(cfg: DictConfig):
     return mask(OmegaConf.to_container(cfg, resolve=True))
 
 
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """The resolved configuration as dotted keys, with any password in a URI masked."""
-    import pandas as pd
-
-    (flat,) = pd.json_normalize(_masked(cfg)).to_dict("records")
-    return {key: str(value) for key, value in flat.items()}
-
-
 def masked_yaml(cfg: DictConfig) -> str:
     """The resolved configuration as YAML with any password in a URI masked: the `config.yaml` a run logs."""
     return OmegaConf.to_yaml(_masked(cfg))
@@ -274,17 +266,14 @@ def open_run(
     never left RUNNING. Runs of the same kind that a kill -9 on this machine left RUNNING are ended KILLED
     when the next one opens.
 
-    With `record_dir`, the run belongs to a run directory, the durable record (see `sync`): the run id is
-    kept there so that a restarted run continues it, the end is written there first, and the run is
-    brought up to date from the directory; a tracking server that is away when the run ends leaves it
-    RUNNING until `python -m resnet_lab.tracking sync DIR`.
-
     Args:
         cfg: the configuration (`tracking`).
         kind: `train`, `evaluate`, `study`, `bench` or `sweep`.
         name: the run name shown in the UI.
         tags: more tags.
-        record_dir: the run directory of a training run.
+        record_dir: a training run's directory, its durable record (see `sync`): it keeps the run id, which a
+            restarted run continues, and gets the end first; a tracking server away at the end leaves the
+            run RUNNING until `python -m resnet_lab.tracking sync DIR`.
         params: log `cfg`'s resolved values as parameters (a new run only).
         system_metrics: sample MLflow's system metrics every `tracking.system_metrics_interval_s`
             while the run is open (a resumed run continues their steps).
@@ -302,7 +291,10 @@ def open_run(
             return
         run = _start_run(cfg, kind, name, tags or {}, record_dir)
         if params and not run.resumed:
-            run.log_params(flatten(cfg))
+            import pandas as pd
+
+            (flat,) = pd.json_normalize(_masked(cfg)).to_dict("records")  # dotted keys
+            run.log_params(flat)
         monitor = None
         if system_metrics and (interval := cfg.tracking.get("system_metrics_interval_s")):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -312,21 +304,19 @@ def open_run(
                 tracking_uri=run.client.tracking_uri,
             )  # fmt: skip
             monitor.start()
-        status, failure = "FINISHED", None
+        end = {"status": "FINISHED", "end_time": None}  # and `failure`, in this order in status.json
         try:
             yield run
         except KeyboardInterrupt:
-            status = "KILLED"
+            end["status"] = "KILLED"
             raise
         except BaseException as exc:
-            status, failure = "FAILED", " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+            end.update(status="FAILED", failure=" ".join(f"{type(exc).__name__}: {exc}".split())[:4000])
             raise
         finally:
             if monitor is not None:
                 monitor.finish()
-            end = {"status": status, "end_time": int(time.time() * 1000)}
-            if failure:
-                end["failure"] = failure
+            end["end_time"] = int(time.time() * 1000)
             with _signals_held():
                 if record_dir is None:
                     _end(run.client, run.run_id, end)
@@ -356,19 +346,9 @@ def _start_run(cfg: DictConfig, kind: str, name: str, tags: dict[str, str], reco
             client.set_tag(run_id, PID_TAG, str(os.getpid()))
             (record_dir / STATUS_FILE).unlink(missing_ok=True)
             return Run(client, run_id, resumed=True)
-    created = client.create_run(
-        experiment,
-        run_name=name,
-        tags={
-            **context_tags(),
-            KIND_TAG: kind,
-            HOST_TAG: socket.gethostname(),
-            PID_TAG: str(os.getpid()),
-            **user_tags(cfg),
-            **tags,
-        },
-    )
-    run = Run(client, created.info.run_id)
+    process = {KIND_TAG: kind, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    tags = {**context_tags(), **process, **user_tags(cfg), **tags}
+    run = Run(client, client.create_run(experiment, run_name=name, tags=tags).info.run_id)
     if record_dir is not None:
         record_dir.mkdir(parents=True, exist_ok=True)
         (record_dir / STATUS_FILE).unlink(missing_ok=True)
