@@ -393,24 +393,20 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
 
     info = dataset_info(cfg)
     files = json.dumps(info["tfds_files"], sort_keys=True)
+    tfds = f"{info['name']}:{info['version']}"
+    schema = json.dumps({"image_shape": info["image_shape"], "classes": info["class_names"]})
     inputs = []
     for split in splits:
         entry = info["splits"][split]
-        digest = hashlib.sha256((files + str(entry["indices_sha256"])).encode()).hexdigest()[:16]
-        source = {
-            "tfds": f"{info['name']}:{info['version']}",
-            "split": entry["source"],
-            "indices": entry["indices"],
-        }
+        source = {"tfds": tfds, "split": entry["source"], "indices": entry["indices"]}
+        profile = {"num_examples": entry["num_examples"], "class_counts": entry.get("class_counts")}
         dataset = Dataset(
             name=f"{info['name']}-{split}",
-            digest=digest,
+            digest=hashlib.sha256((files + str(entry["indices_sha256"])).encode()).hexdigest()[:16],
             source_type="tfds",
             source=json.dumps(source),
-            schema=json.dumps({"image_shape": info["image_shape"], "classes": info["class_names"]}),
-            profile=json.dumps(
-                {"num_examples": entry["num_examples"], "class_counts": entry.get("class_counts")}
-            ),
+            schema=schema,
+            profile=json.dumps(profile),
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
     for attempt in range(3):
@@ -451,13 +447,13 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
         return None
     best = min(residual, key=lambda m: m["evaluation"]["test_error"])
     source_run = best["summary"].get("mlflow_run_id")
-    experiment = run.client.get_run(run.run_id).info.experiment_id  # the study's: its members' too
-    model_id = logged_model_id(run.client, source_run, experiment) if source_run else None
+    client = run.client
+    experiment = client.get_run(run.run_id).info.experiment_id  # the study's: its members' too
+    model_id = logged_model_id(client, source_run, experiment) if source_run else None
     if model_id is None:
         log.warning("%s logged no model (tracking.log_model): no champion registered", best["member"])
         return None
     name = f"resnet-lab-{cfg.data.name}"
-    client = run.client
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
