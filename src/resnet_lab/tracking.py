@@ -31,21 +31,6 @@ from resnet_lab.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
-_DVC_TEMP_WORKSPACE = os.path.join(".dvc", "tmp", "exps")
-
-
-def repo_root() -> Path:
-    """The repository root of the working directory, seen through DVC's temporary experiment copies.
-
-    `dvc exp run --temp` and queued experiments run in `<repo>/.dvc/tmp/exps/<...>`; their runs must land
-    in the store of `<repo>`, not of the copy, which DVC deletes.
-    """
-    path = Path.cwd().resolve()
-    repo, in_copy, _ = (str(path) + os.sep).partition(os.sep + _DVC_TEMP_WORKSPACE + os.sep)
-    if in_copy:
-        return Path(repo)
-    return Path(_git("rev-parse", "--show-toplevel") or path)
-
 
 def _git(*args: str) -> str | None:
     """What `git ARGS` prints in the working directory; None outside a repository or without git."""
@@ -56,12 +41,20 @@ def _git(*args: str) -> str | None:
 
 
 def tracking_uri(cfg: DictConfig) -> str:
-    """`$MLFLOW_TRACKING_URI`, else `tracking.uri`, else SQLite at the repository root (absolute)."""
+    """`$MLFLOW_TRACKING_URI`, else `tracking.uri`, else SQLite at the repository root (absolute).
+
+    DVC's temporary experiment copies (`dvc exp run --temp`, queued experiments) run in
+    `<repo>/.dvc/tmp/exps/<...>`; their runs must land in the store of `<repo>`, not of the copy, which
+    DVC deletes.
+    """
     if env := os.environ.get("MLFLOW_TRACKING_URI"):
         return env
     if cfg.tracking.get("uri"):
         return str(cfg.tracking.uri)
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+    cwd = str(Path.cwd().resolve())
+    repo, in_copy, _ = (cwd + os.sep).partition(os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep)
+    root = repo if in_copy else _git("rev-parse", "--show-toplevel") or cwd
+    return f"sqlite:///{Path(root) / 'mlflow.db'}"
 
 
 @contextlib.contextmanager
@@ -91,22 +84,18 @@ def experiment_id(client, name: str, uri: str) -> str:
     With a SQLite store its artifacts go to `mlruns/` beside the database, by absolute path, so runs
     from any working directory (DVC's temporary copies, pytest's) keep their artifacts together.
     """
-    experiment = client.get_experiment_by_name(name)
-    if experiment:
+    if experiment := client.get_experiment_by_name(name):
         return experiment.experiment_id
     from mlflow.exceptions import MlflowException
 
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-
+    sqlite = uri.startswith("sqlite:///")
+    location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri() if sqlite else None
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException as exc:
-        # A parallel job created it first.
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # else a parallel job created it first
             raise
-        return client.get_experiment_by_name(name).experiment_id
+    return client.get_experiment_by_name(name).experiment_id
 
 
 PARENT_RUN_ENV = "RESNET_LAB_PARENT_RUN_ID"
@@ -631,7 +620,7 @@ def _log_model_once(client, run_id: str, path: Path) -> None:
             pip_requirements=[
                 f"tensorflow=={tf.__version__}",
                 f"keras=={keras.__version__}",
-                f"resnet-lab=={__import__('resnet_lab').__version__}",
+                f"resnet-lab=={resnet_lab.__version__}",
             ],
         )
 
