@@ -31,21 +31,6 @@ from resnet_lab.files import write_text_atomically
 
 log = logging.getLogger(__name__)
 
-_DVC_TEMP_WORKSPACE = os.path.join(".dvc", "tmp", "exps")
-
-
-def repo_root() -> Path:
-    """The repository root of the working directory, seen through DVC's temporary experiment copies.
-
-    `dvc exp run --temp` and queued experiments run in `<repo>/.dvc/tmp/exps/<...>`; their runs must land
-    in the store of `<repo>`, not of the copy, which DVC deletes.
-    """
-    path = Path.cwd().resolve()
-    repo, in_copy, _ = (str(path) + os.sep).partition(os.sep + _DVC_TEMP_WORKSPACE + os.sep)
-    if in_copy:
-        return Path(repo)
-    return Path(_git("rev-parse", "--show-toplevel") or path)
-
 
 def _git(*args: str) -> str | None:
     """What `git ARGS` prints in the working directory; None outside a repository or without git."""
@@ -56,12 +41,20 @@ def _git(*args: str) -> str | None:
 
 
 def tracking_uri(cfg: DictConfig) -> str:
-    """`$MLFLOW_TRACKING_URI`, else `tracking.uri`, else SQLite at the repository root (absolute)."""
+    """`$MLFLOW_TRACKING_URI`, else `tracking.uri`, else SQLite at the repository root (absolute).
+
+    DVC's temporary experiment copies (`dvc exp run --temp`, queued experiments) run in
+    `<repo>/.dvc/tmp/exps/<...>`; their runs must land in the store of `<repo>`, not of the copy, which
+    DVC deletes.
+    """
     if env := os.environ.get("MLFLOW_TRACKING_URI"):
         return env
     if cfg.tracking.get("uri"):
         return str(cfg.tracking.uri)
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+    cwd = str(Path.cwd().resolve())
+    repo, in_copy, _ = (cwd + os.sep).partition(os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep)
+    root = repo if in_copy else _git("rev-parse", "--show-toplevel") or cwd
+    return f"sqlite:///{Path(root) / 'mlflow.db'}"
 
 
 @contextlib.contextmanager
@@ -91,22 +84,18 @@ def experiment_id(client, name: str, uri: str) -> str:
     With a SQLite store its artifacts go to `mlruns/` beside the database, by absolute path, so runs
     from any working directory (DVC's temporary copies, pytest's) keep their artifacts together.
     """
-    experiment = client.get_experiment_by_name(name)
-    if experiment:
+    if experiment := client.get_experiment_by_name(name):
         return experiment.experiment_id
     from mlflow.exceptions import MlflowException
 
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-
+    sqlite = uri.startswith("sqlite:///")
+    location = (Path(uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri() if sqlite else None
     try:
         return client.create_experiment(name, artifact_location=location)
     except MlflowException as exc:
-        # A parallel job created it first.
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # else a parallel job created it first
             raise
-        return client.get_experiment_by_name(name).experiment_id
+    return client.get_experiment_by_name(name).experiment_id
 
 
 PARENT_RUN_ENV = "RESNET_LAB_PARENT_RUN_ID"
@@ -144,36 +133,19 @@ def _masked(cfg: DictConfig):
     return mask(OmegaConf.to_container(cfg, resolve=True))
 
 
-def flatten(cfg: DictConfig) -> dict[str, str]:
-    """The resolved configuration as dotted keys, with any password in a URI masked."""
-    import pandas as pd
-
-    (flat,) = pd.json_normalize(_masked(cfg)).to_dict("records")
-    return {key: str(value) for key, value in flat.items()}
-
-
 def masked_yaml(cfg: DictConfig) -> str:
     """The resolved configuration as YAML with any password in a URI masked: the `config.yaml` a run logs."""
     return OmegaConf.to_yaml(_masked(cfg))
 
 
-_PASSWORD_IN_URI = re.compile(r"(://[^/\s:@]+\\?:)[^/\s@]+@")
+# A URI's password as `urlsplit` reads it: after the user's first colon, up to the last `@` before the
+# path; the optional backslash finds it in Hydra's escaped overrides too (`http\://user\:secret@host`).
+_PASSWORD_IN_URI = re.compile(r"(://[^/?#:]*\\?:)[^/?#]+@")
 
 
 def mask_password(value: str) -> str:
     """`scheme://user:secret@host` -> `scheme://user:***@host`; anything else unchanged."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "://" not in value:
-        return value
-    try:
-        parts = urlsplit(value)
-    except ValueError:
-        return value
-    if not parts.password:
-        return value
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return _PASSWORD_IN_URI.sub(r"\1***@", value)
 
 
 def _health_failure(uri: str, timeout_s: float) -> str | None:
@@ -215,8 +187,7 @@ def context_tags() -> dict[str, str]:
     if HydraConfig.initialized() and (hydra_cfg := HydraConfig.get()).mode.name == "MULTIRUN":
         tags["hydra.sweep_dir"] = str(Path(hydra_cfg.sweep.dir).resolve())
         tags["hydra.job_num"] = str(hydra_cfg.job.num)
-        # Hydra escapes the overrides (http\://user\:secret@host): masked as text, not parsed.
-        tags["hydra.overrides"] = _PASSWORD_IN_URI.sub(r"\1***@", ",".join(hydra_cfg.overrides.task))
+        tags["hydra.overrides"] = ",".join(map(mask_password, hydra_cfg.overrides.task))
     if parent := os.environ.get(PARENT_RUN_ENV):
         tags["mlflow.parentRunId"] = parent
     return tags
@@ -284,17 +255,14 @@ def open_run(
     never left RUNNING. Runs of the same kind that a kill -9 on this machine left RUNNING are ended KILLED
     when the next one opens.
 
-    With `record_dir`, the run belongs to a run directory, the durable record (see `sync`): the run id is
-    kept there so that a restarted run continues it, the end is written there first, and the run is
-    brought up to date from the directory; a tracking server that is away when the run ends leaves it
-    RUNNING until `python -m resnet_lab.tracking sync DIR`.
-
     Args:
         cfg: the configuration (`tracking`).
         kind: `train`, `evaluate`, `study`, `bench` or `sweep`.
         name: the run name shown in the UI.
         tags: more tags.
-        record_dir: the run directory of a training run.
+        record_dir: a training run's directory, its durable record (see `sync`): it keeps the run id, which a
+            restarted run continues, and gets the end first; a tracking server away at the end leaves the
+            run RUNNING until `python -m resnet_lab.tracking sync DIR`.
         params: log `cfg`'s resolved values as parameters (a new run only).
         system_metrics: sample MLflow's system metrics every `tracking.system_metrics_interval_s`
             while the run is open (a resumed run continues their steps).
@@ -312,7 +280,10 @@ def open_run(
             return
         run = _start_run(cfg, kind, name, tags or {}, record_dir)
         if params and not run.resumed:
-            run.log_params(flatten(cfg))
+            import pandas as pd
+
+            (flat,) = pd.json_normalize(_masked(cfg)).to_dict("records")  # dotted keys
+            run.log_params(flat)
         monitor = None
         if system_metrics and (interval := cfg.tracking.get("system_metrics_interval_s")):
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -322,21 +293,19 @@ def open_run(
                 tracking_uri=run.client.tracking_uri,
             )  # fmt: skip
             monitor.start()
-        status, failure = "FINISHED", None
+        end = {"status": "FINISHED", "end_time": None}  # and `failure`, in this order in status.json
         try:
             yield run
         except KeyboardInterrupt:
-            status = "KILLED"
+            end["status"] = "KILLED"
             raise
         except BaseException as exc:
-            status, failure = "FAILED", " ".join(f"{type(exc).__name__}: {exc}".split())[:4000]
+            end.update(status="FAILED", failure=" ".join(f"{type(exc).__name__}: {exc}".split())[:4000])
             raise
         finally:
             if monitor is not None:
                 monitor.finish()
-            end = {"status": status, "end_time": int(time.time() * 1000)}
-            if failure:
-                end["failure"] = failure
+            end["end_time"] = int(time.time() * 1000)
             with _signals_held():
                 if record_dir is None:
                     _end(run.client, run.run_id, end)
@@ -366,19 +335,9 @@ def _start_run(cfg: DictConfig, kind: str, name: str, tags: dict[str, str], reco
             client.set_tag(run_id, PID_TAG, str(os.getpid()))
             (record_dir / STATUS_FILE).unlink(missing_ok=True)
             return Run(client, run_id, resumed=True)
-    created = client.create_run(
-        experiment,
-        run_name=name,
-        tags={
-            **context_tags(),
-            KIND_TAG: kind,
-            HOST_TAG: socket.gethostname(),
-            PID_TAG: str(os.getpid()),
-            **user_tags(cfg),
-            **tags,
-        },
-    )
-    run = Run(client, created.info.run_id)
+    process = {KIND_TAG: kind, HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    tags = {**context_tags(), **process, **user_tags(cfg), **tags}
+    run = Run(client, client.create_run(experiment, run_name=name, tags=tags).info.run_id)
     if record_dir is not None:
         record_dir.mkdir(parents=True, exist_ok=True)
         (record_dir / STATUS_FILE).unlink(missing_ok=True)
@@ -423,24 +382,20 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
 
     info = dataset_info(cfg)
     files = json.dumps(info["tfds_files"], sort_keys=True)
+    tfds = f"{info['name']}:{info['version']}"
+    schema = json.dumps({"image_shape": info["image_shape"], "classes": info["class_names"]})
     inputs = []
     for split in splits:
         entry = info["splits"][split]
-        digest = hashlib.sha256((files + str(entry["indices_sha256"])).encode()).hexdigest()[:16]
-        source = {
-            "tfds": f"{info['name']}:{info['version']}",
-            "split": entry["source"],
-            "indices": entry["indices"],
-        }
+        source = {"tfds": tfds, "split": entry["source"], "indices": entry["indices"]}
+        profile = {"num_examples": entry["num_examples"], "class_counts": entry.get("class_counts")}
         dataset = Dataset(
             name=f"{info['name']}-{split}",
-            digest=digest,
+            digest=hashlib.sha256((files + str(entry["indices_sha256"])).encode()).hexdigest()[:16],
             source_type="tfds",
             source=json.dumps(source),
-            schema=json.dumps({"image_shape": info["image_shape"], "classes": info["class_names"]}),
-            profile=json.dumps(
-                {"num_examples": entry["num_examples"], "class_counts": entry.get("class_counts")}
-            ),
+            schema=schema,
+            profile=json.dumps(profile),
         )
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, split)]))
     for attempt in range(3):
@@ -481,13 +436,13 @@ def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer
         return None
     best = min(residual, key=lambda m: m["evaluation"]["test_error"])
     source_run = best["summary"].get("mlflow_run_id")
-    experiment = run.client.get_run(run.run_id).info.experiment_id  # the study's: its members' too
-    model_id = logged_model_id(run.client, source_run, experiment) if source_run else None
+    client = run.client
+    experiment = client.get_run(run.run_id).info.experiment_id  # the study's: its members' too
+    model_id = logged_model_id(client, source_run, experiment) if source_run else None
     if model_id is None:
         log.warning("%s logged no model (tracking.log_model): no champion registered", best["member"])
         return None
     name = f"resnet-lab-{cfg.data.name}"
-    client = run.client
     try:
         client.create_registered_model(name)
     except MlflowException as exc:
@@ -665,7 +620,7 @@ def _log_model_once(client, run_id: str, path: Path) -> None:
             pip_requirements=[
                 f"tensorflow=={tf.__version__}",
                 f"keras=={keras.__version__}",
-                f"resnet-lab=={__import__('resnet_lab').__version__}",
+                f"resnet-lab=={resnet_lab.__version__}",
             ],
         )
 
