@@ -12,7 +12,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -57,6 +57,13 @@ def _pct(fraction: float) -> str:
 
 def _points(fraction: float) -> str:
     return f"{100 * fraction:+.2f}"
+
+
+def _markdown_table(headings: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
+    """A Markdown table; `align` has an "l" (left) or "r" (right) per column."""
+    separator = "|" + "".join("---:|" if side == "r" else "---|" for side in align)
+    lines = ["| " + " | ".join(cells) + " |" for cells in (headings, *rows)]
+    return "\n".join([lines[0], separator, *lines[1:]])
 
 
 def claim_text(claim: Mapping, margin: float) -> str:
@@ -525,14 +532,11 @@ def plot_final_errors(
 def render_seeds(errors: Mapping[str, Mapping[int, float]]) -> str:
     """Each member's final clean training error as a Markdown table: a row per model, a column per seed."""
     seeds = sorted({seed for per_seed in errors.values() for seed in per_seed})
-    lines = [
-        "| Model | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
-        "|---|" + "---:|" * len(seeds),
+    rows = [
+        [model, *(_pct(per_seed[seed]) if seed in per_seed else "—" for seed in seeds)]
+        for model, per_seed in errors.items()
     ]
-    for model, per_seed in errors.items():
-        cells = [_pct(per_seed[seed]) if seed in per_seed else "—" for seed in seeds]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _markdown_table(["Model", *(f"seed {seed}" for seed in seeds)], rows, "l" + "r" * len(seeds))
 
 
 def plot_confusion_matrix(
@@ -678,7 +682,7 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
         "Slope, last epochs (pts/epoch)", "Val. err. (%)", "Test err. (%)", "Epochs", "Train time (s)",
         "Images/s",
     ]  # fmt: skip
-    lines = ["| " + " | ".join(headings) + " |", "|---|" + "---:|" * (len(headings) - 1)]
+    rows = []
     for row in table.to_dict("records"):
         slope = slopes.get(row["model"])
         slope_cell = "n/a"
@@ -690,32 +694,29 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
         cells += [_mean_std(row, number, ".2f", 100) for number in ("final_val_error", "test_error")]
         cells += [_mean_std(row, "epochs", ".0f"), _mean_std(row, "train_time_s", ".1f")]
         cells.append(_mean_std(row, "images_per_sec", ".0f"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return _markdown_table(headings, rows, "l" + "r" * (len(headings) - 1))
 
 
 def render_comparisons(result: Mapping) -> str:
     """Render the verdict's claims as a Markdown table."""
     test = TESTS[result.get("test", "welch")]
     estimate = test.estimate[0].upper() + test.estimate[1:]
-    lines = [
-        f"| Claim | Test | Mean clean training error | {estimate} (pts) | 95% CI (pts) "
-        "| One-sided bound (pts) | p | Outcome |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
-    ]
+    headings = [
+        "Claim", "Test", "Mean clean training error", f"{estimate} (pts)", "95% CI (pts)",
+        "One-sided bound (pts)", "p", "Outcome",
+    ]  # fmt: skip
     alternatives = {"greater": "d > 0", "less": "d < 0", "non_inferior": f"d < {_points(result['margin'])}"}
+    rows = []
     for c in result["comparisons"]:
-        h1 = f"{test.name}, H1: {alternatives[c['hypothesis']]}"
         means = " vs ".join(_pct(mean) for mean in c["means"].values()) if c["means"] else "—"
-        difference = _points(c["difference"]) if c["difference"] is not None else "—"
-        ci95 = f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}]" if c["ci95"] else "—"
-        bound = _points(c["bound"]) if c["bound"] is not None else "—"
-        p_value = f"{c['p_value']:.3g}" if c["p_value"] is not None else "—"
-        lines.append(
-            f"| {c['key']}: {c['claim']} | {h1} | {means} | {difference} | {ci95} | {bound} | {p_value} "
-            f"| **{c['outcome']}** |"
-        )
-    return "\n".join(lines)
+        tested = ["—"] * 4  # an untested or missing claim has no difference, interval, bound or p
+        if c["p_value"] is not None:
+            ci95 = f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}]"
+            tested = [_points(c["difference"]), ci95, _points(c["bound"]), f"{c['p_value']:.3g}"]
+        h1 = f"{test.name}, H1: {alternatives[c['hypothesis']]}"
+        rows.append([f"{c['key']}: {c['claim']}", h1, means, *tested, f"**{c['outcome']}**"])
+    return _markdown_table(headings, rows, "llrrrrrl")
 
 
 def render_design(design: Mapping) -> str:
