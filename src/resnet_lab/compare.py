@@ -47,10 +47,6 @@ from resnet_lab.train import sigterm_as_interrupt
 REPORT_FILE = "degradation.md"
 FIGURE_FILE = "learning_curves.png"
 SEEDS_FIGURE_FILE = "final_errors.png"
-VERDICT_FILE = "verdict.json"
-CURVES_FILE = "curves.csv"
-CURVES_BY_MODEL_FILE = "curves_by_model.csv"
-REPORT_FILES = (REPORT_FILE, FIGURE_FILE, SEEDS_FIGURE_FILE, VERDICT_FILE, CURVES_FILE, CURVES_BY_MODEL_FILE)
 ARTIFACT_DIR = "report"
 
 
@@ -131,17 +127,6 @@ def study_design(cfg: DictConfig, members: Sequence[dict]) -> dict:
     }
 
 
-def _study_metrics(result: dict, table: pd.DataFrame) -> dict[str, float]:
-    metrics = {}
-    for key, value in result.items():
-        if key.endswith(("_difference", "_p_value", "_shown")) and value is not None:
-            metrics[key] = float(value)
-    for row in table.itertuples(index=False):
-        metrics[f"train_error_{row.model}"] = float(row.train_error_mean)
-        metrics[f"test_error_{row.model}"] = float(row.test_error_mean)
-    return metrics
-
-
 def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.DataFrame, list[Path]]:
     """Compute the verdict, table and curves of the study members and write the report files atomically.
 
@@ -173,9 +158,9 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
     reports_dir = Path(cfg.paths.reports_dir)
     with staged_files(reports_dir) as staging:
         plot_learning_curves(curves, staging / FIGURE_FILE, title=f"{cfg.data.name}: error per epoch")
-        curves.to_csv(staging / CURVES_FILE, index=False)
-        curves_by_model(curves).to_csv(staging / CURVES_BY_MODEL_FILE, index=False)
-        (staging / VERDICT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        curves.to_csv(staging / "curves.csv", index=False)
+        curves_by_model(curves).to_csv(staging / "curves_by_model.csv", index=False)
+        (staging / "verdict.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_final_errors(by_seed, staging / SEEDS_FIGURE_FILE)
         markdown = render_report(
             result,
@@ -187,7 +172,8 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
             seeds_figure=SEEDS_FIGURE_FILE,
         )
         (staging / REPORT_FILE).write_text(markdown)
-    return result, table, [reports_dir / name for name in REPORT_FILES]
+        written = [reports_dir / path.name for path in sorted(staging.iterdir())]
+    return result, table, written
 
 
 def compare(cfg: DictConfig) -> dict:
@@ -215,7 +201,14 @@ def compare(cfg: DictConfig) -> dict:
                 "data.name": str(cfg.data.name),
             }
         )
-        run.log_metrics(_study_metrics(result, table))
+        flat = ("_difference", "_p_value", "_shown")  # the verdict's numbers for `dvc metrics`
+        metrics = {
+            key: float(value) for key, value in result.items() if key.endswith(flat) and value is not None
+        }
+        for row in table.itertuples(index=False):
+            metrics[f"train_error_{row.model}"] = float(row.train_error_mean)
+            metrics[f"test_error_{row.model}"] = float(row.test_error_mean)
+        run.log_metrics(metrics)
         run.set_tags(
             {"resnet_lab.answer": result["answer"]}
             | {
