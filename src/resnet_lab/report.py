@@ -33,7 +33,7 @@ UNTESTED = "untested"
 MISSING = "missing"
 
 CURVE_COLUMNS = ("model", "seed", "epoch", "train_error", "val_error")
-HISTORY_COLUMNS = ("epoch", "error", "val_error")
+CURVE_SOURCE_TYPES = {"epoch": int, "error": float, "val_error": float}
 
 
 def parse_model_name(name: str) -> tuple[str, int]:
@@ -401,12 +401,12 @@ def curves_frame(histories: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFr
     """
     frames = []
     for (model, seed), history in histories.items():
-        absent = [column for column in HISTORY_COLUMNS if column not in history.columns]
+        absent = [column for column in CURVE_SOURCE_TYPES if column not in history.columns]
         if absent or history.empty:
             problem = f"lacks columns {absent}" if absent else "has no epochs"
             raise ValueError(f"history of {model} seed {seed} {problem}; it has {list(history.columns)}")
         frames.append(
-            history.astype({"epoch": int, "error": float, "val_error": float})
+            history.astype(CURVE_SOURCE_TYPES)
             .rename(columns={"error": "train_error"})
             .assign(model=model, seed=int(seed))[list(CURVE_COLUMNS)]
         )
