@@ -138,21 +138,18 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
         The verdict (also in `verdict.json`, with the study's dataset, models and seeds), the per-model
         table (`resnet_lab.report.model_table`) and the paths written.
     """
-    models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
-    by_seed = {model: {} for model in models}
+    design = study_design(cfg, members)
+    by_seed = {model: {} for model in design["models"]}
     for member in members:
         by_seed[member["model"]][int(member["seed"])] = float(member["evaluation"]["train_error"])
+    errors = {model: list(per_seed.values()) for model, per_seed in by_seed.items()}
     result = verdict(
-        {model: list(per_seed.values()) for model, per_seed in by_seed.items()},
-        _claims(cfg),
-        alpha=float(cfg.study.alpha),
-        margin=float(cfg.study.margin),
-        test=str(cfg.study.test),
+        errors, _claims(cfg), alpha=design["alpha"], margin=design["margin"], test=design["test"]
     )
-    result["study"] = {"dataset": str(cfg.data.name), "models": models, "seeds": seeds}
+    result["study"] = {"dataset": str(cfg.data.name), "models": design["models"], "seeds": design["seeds"]}
 
     curves = curves_frame({(member["model"], member["seed"]): member["history"] for member in members})
-    slopes = convergence(curves, **OmegaConf.to_container(cfg.study.convergence))
+    slopes = convergence(curves, **design["convergence"])
     result["convergence"] = slopes
     table = model_table([member_record(member["summary"], member["evaluation"]) for member in members])
     reports_dir = Path(cfg.paths.reports_dir)
@@ -166,7 +163,7 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
             result,
             render_table(table, slopes),
             FIGURE_FILE,
-            design=study_design(cfg, members),
+            design=design,
             slopes=slopes,
             seeds_markdown=render_seeds(by_seed),
             seeds_figure=SEEDS_FIGURE_FILE,
@@ -198,16 +195,14 @@ def compare(cfg: DictConfig) -> dict:
             {
                 "study.models": ",".join(result["study"]["models"]),
                 "study.seeds": ",".join(str(seed) for seed in result["study"]["seeds"]),
-                "data.name": str(cfg.data.name),
+                "data.name": cfg.data.name,
             }
         )
         flat = ("_difference", "_p_value", "_shown")  # the verdict's numbers for `dvc metrics`
-        metrics = {
-            key: float(value) for key, value in result.items() if key.endswith(flat) and value is not None
-        }
+        metrics = {key: value for key, value in result.items() if key.endswith(flat) and value is not None}
         for row in table.itertuples(index=False):
-            metrics[f"train_error_{row.model}"] = float(row.train_error_mean)
-            metrics[f"test_error_{row.model}"] = float(row.test_error_mean)
+            metrics[f"train_error_{row.model}"] = row.train_error_mean
+            metrics[f"test_error_{row.model}"] = row.test_error_mean
         run.log_metrics(metrics)
         run.set_tags(
             {"resnet_lab.answer": result["answer"]}
