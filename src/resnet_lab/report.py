@@ -260,14 +260,13 @@ def decide_claim(
         samples[subject], samples[reference], alpha=alpha, threshold=threshold, side=side
     )
     result |= {"difference": difference, "ci95": list(ci95), "p_value": p_value}
-    if hypothesis == "greater":
-        result["bound"], contradicted = lower_bound, upper_bound < 0
-        bound_text = f"lower {100 * (1 - alpha):g}% bound {_points(lower_bound)}"
+    if side == "greater":
+        end, result["bound"], contradicted = "lower", lower_bound, upper_bound < 0
     else:
-        result["bound"], contradicted = upper_bound, lower_bound > threshold
-        bound_text = f"upper {100 * (1 - alpha):g}% bound {_points(upper_bound)}"
-        if hypothesis == "non_inferior":
-            bound_text += f" against the margin {_points(margin)}"
+        end, result["bound"], contradicted = "upper", upper_bound, lower_bound > threshold
+    bound_text = f"{end} {100 * (1 - alpha):g}% bound {_points(result['bound'])}"
+    if hypothesis == "non_inferior":
+        bound_text += f" against the margin {_points(margin)}"
     outcome = SHOWN if p_value < alpha else CONTRADICTED if contradicted else NOT_SHOWN
     evidence = f"95% CI [{_points(ci95[0])}, {_points(ci95[1])}], {bound_text}, one-sided {test_name} p"
     evidence += f" = {p_value:.3g}"
@@ -352,7 +351,7 @@ def convergence(
     """
     result = {}
     for model, rows in curves.groupby("model", sort=False):
-        per_epoch = rows.groupby("epoch")["train_error"].mean().sort_index().tail(window)
+        per_epoch = rows.groupby("epoch")["train_error"].mean().tail(window)  # groupby sorts the epochs
         slope = float(np.polyfit(per_epoch.index, per_epoch.to_numpy(), 1)[0]) if len(per_epoch) > 1 else 0.0
         below = rows[rows["train_error"] < threshold].groupby("seed")["epoch"].min()
         result[str(model)] = {
@@ -596,9 +595,8 @@ def member_record(summary: Mapping, evaluation: Mapping | None = None) -> dict:
             training split, `test_error`), if any.
 
     Returns:
-        model, seed, family, depth, params, macs, epochs, train_time_s, images_per_sec, train_error (the
-        clean pass; NaN without `evaluation`), running_train_error (the last epoch's running average
-        under augmentation), final_val_error, test_error.
+        The row: `train_error` is the clean pass (NaN without `evaluation`), `running_train_error` the
+        last epoch's running average under augmentation.
 
     Raises:
         ValueError: a key of the training contract is missing.
