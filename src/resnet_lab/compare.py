@@ -47,10 +47,6 @@ from resnet_lab.train import sigterm_as_interrupt
 REPORT_FILE = "degradation.md"
 FIGURE_FILE = "learning_curves.png"
 SEEDS_FIGURE_FILE = "final_errors.png"
-VERDICT_FILE = "verdict.json"
-CURVES_FILE = "curves.csv"
-CURVES_BY_MODEL_FILE = "curves_by_model.csv"
-REPORT_FILES = (REPORT_FILE, FIGURE_FILE, SEEDS_FIGURE_FILE, VERDICT_FILE, CURVES_FILE, CURVES_BY_MODEL_FILE)
 ARTIFACT_DIR = "report"
 
 
@@ -131,17 +127,6 @@ def study_design(cfg: DictConfig, members: Sequence[dict]) -> dict:
     }
 
 
-def _study_metrics(result: dict, table: pd.DataFrame) -> dict[str, float]:
-    metrics = {}
-    for key, value in result.items():
-        if key.endswith(("_difference", "_p_value", "_shown")) and value is not None:
-            metrics[key] = float(value)
-    for row in table.itertuples(index=False):
-        metrics[f"train_error_{row.model}"] = float(row.train_error_mean)
-        metrics[f"test_error_{row.model}"] = float(row.test_error_mean)
-    return metrics
-
-
 def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.DataFrame, list[Path]]:
     """Compute the verdict, table and curves of the study members and write the report files atomically.
 
@@ -153,41 +138,39 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
         The verdict (also in `verdict.json`, with the study's dataset, models and seeds), the per-model
         table (`resnet_lab.report.model_table`) and the paths written.
     """
-    models, seeds = list(cfg.study.models), [int(seed) for seed in cfg.study.seeds]
-    by_seed = {model: {} for model in models}
+    design = study_design(cfg, members)
+    by_seed = {model: {} for model in design["models"]}
     for member in members:
         by_seed[member["model"]][int(member["seed"])] = float(member["evaluation"]["train_error"])
+    errors = {model: list(per_seed.values()) for model, per_seed in by_seed.items()}
     result = verdict(
-        {model: list(per_seed.values()) for model, per_seed in by_seed.items()},
-        _claims(cfg),
-        alpha=float(cfg.study.alpha),
-        margin=float(cfg.study.margin),
-        test=str(cfg.study.test),
+        errors, _claims(cfg), alpha=design["alpha"], margin=design["margin"], test=design["test"]
     )
-    result["study"] = {"dataset": str(cfg.data.name), "models": models, "seeds": seeds}
+    result["study"] = {"dataset": str(cfg.data.name), "models": design["models"], "seeds": design["seeds"]}
 
     curves = curves_frame({(member["model"], member["seed"]): member["history"] for member in members})
-    slopes = convergence(curves, **OmegaConf.to_container(cfg.study.convergence))
+    slopes = convergence(curves, **design["convergence"])
     result["convergence"] = slopes
     table = model_table([member_record(member["summary"], member["evaluation"]) for member in members])
     reports_dir = Path(cfg.paths.reports_dir)
     with staged_files(reports_dir) as staging:
         plot_learning_curves(curves, staging / FIGURE_FILE, title=f"{cfg.data.name}: error per epoch")
-        curves.to_csv(staging / CURVES_FILE, index=False)
-        curves_by_model(curves).to_csv(staging / CURVES_BY_MODEL_FILE, index=False)
-        (staging / VERDICT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        curves.to_csv(staging / "curves.csv", index=False)
+        curves_by_model(curves).to_csv(staging / "curves_by_model.csv", index=False)
+        (staging / "verdict.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_final_errors(by_seed, staging / SEEDS_FIGURE_FILE)
         markdown = render_report(
             result,
             render_table(table, slopes),
             FIGURE_FILE,
-            design=study_design(cfg, members),
+            design=design,
             slopes=slopes,
             seeds_markdown=render_seeds(by_seed),
             seeds_figure=SEEDS_FIGURE_FILE,
         )
         (staging / REPORT_FILE).write_text(markdown)
-    return result, table, [reports_dir / name for name in REPORT_FILES]
+        written = [reports_dir / path.name for path in sorted(staging.iterdir())]
+    return result, table, written
 
 
 def compare(cfg: DictConfig) -> dict:
@@ -212,10 +195,15 @@ def compare(cfg: DictConfig) -> dict:
             {
                 "study.models": ",".join(result["study"]["models"]),
                 "study.seeds": ",".join(str(seed) for seed in result["study"]["seeds"]),
-                "data.name": str(cfg.data.name),
+                "data.name": cfg.data.name,
             }
         )
-        run.log_metrics(_study_metrics(result, table))
+        flat = ("_difference", "_p_value", "_shown")  # the verdict's numbers for `dvc metrics`
+        metrics = {key: value for key, value in result.items() if key.endswith(flat) and value is not None}
+        for row in table.itertuples(index=False):
+            metrics[f"train_error_{row.model}"] = row.train_error_mean
+            metrics[f"test_error_{row.model}"] = row.test_error_mean
+        run.log_metrics(metrics)
         run.set_tags(
             {"resnet_lab.answer": result["answer"]}
             | {

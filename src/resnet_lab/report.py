@@ -12,7 +12,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +33,7 @@ UNTESTED = "untested"
 MISSING = "missing"
 
 CURVE_COLUMNS = ("model", "seed", "epoch", "train_error", "val_error")
-HISTORY_COLUMNS = ("epoch", "error", "val_error")
+CURVE_SOURCE_TYPES = {"epoch": int, "error": float, "val_error": float}
 
 
 def parse_model_name(name: str) -> tuple[str, int]:
@@ -57,6 +57,13 @@ def _pct(fraction: float) -> str:
 
 def _points(fraction: float) -> str:
     return f"{100 * fraction:+.2f}"
+
+
+def _markdown_table(headings: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
+    """A Markdown table; `align` has an "l" (left) or "r" (right) per column."""
+    separator = "|" + "".join("---:|" if side == "r" else "---|" for side in align)
+    lines = ["| " + " | ".join(cells) + " |" for cells in (headings, *rows)]
+    return "\n".join([lines[0], separator, *lines[1:]])
 
 
 def claim_text(claim: Mapping, margin: float) -> str:
@@ -253,14 +260,13 @@ def decide_claim(
         samples[subject], samples[reference], alpha=alpha, threshold=threshold, side=side
     )
     result |= {"difference": difference, "ci95": list(ci95), "p_value": p_value}
-    if hypothesis == "greater":
-        result["bound"], contradicted = lower_bound, upper_bound < 0
-        bound_text = f"lower {100 * (1 - alpha):g}% bound {_points(lower_bound)}"
+    if side == "greater":
+        end, result["bound"], contradicted = "lower", lower_bound, upper_bound < 0
     else:
-        result["bound"], contradicted = upper_bound, lower_bound > threshold
-        bound_text = f"upper {100 * (1 - alpha):g}% bound {_points(upper_bound)}"
-        if hypothesis == "non_inferior":
-            bound_text += f" against the margin {_points(margin)}"
+        end, result["bound"], contradicted = "upper", upper_bound, lower_bound > threshold
+    bound_text = f"{end} {100 * (1 - alpha):g}% bound {_points(result['bound'])}"
+    if hypothesis == "non_inferior":
+        bound_text += f" against the margin {_points(margin)}"
     outcome = SHOWN if p_value < alpha else CONTRADICTED if contradicted else NOT_SHOWN
     evidence = f"95% CI [{_points(ci95[0])}, {_points(ci95[1])}], {bound_text}, one-sided {test_name} p"
     evidence += f" = {p_value:.3g}"
@@ -345,7 +351,7 @@ def convergence(
     """
     result = {}
     for model, rows in curves.groupby("model", sort=False):
-        per_epoch = rows.groupby("epoch")["train_error"].mean().sort_index().tail(window)
+        per_epoch = rows.groupby("epoch")["train_error"].mean().tail(window)  # groupby sorts the epochs
         slope = float(np.polyfit(per_epoch.index, per_epoch.to_numpy(), 1)[0]) if len(per_epoch) > 1 else 0.0
         below = rows[rows["train_error"] < threshold].groupby("seed")["epoch"].min()
         result[str(model)] = {
@@ -394,12 +400,12 @@ def curves_frame(histories: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFr
     """
     frames = []
     for (model, seed), history in histories.items():
-        absent = [column for column in HISTORY_COLUMNS if column not in history.columns]
+        absent = [column for column in CURVE_SOURCE_TYPES if column not in history.columns]
         if absent or history.empty:
             problem = f"lacks columns {absent}" if absent else "has no epochs"
             raise ValueError(f"history of {model} seed {seed} {problem}; it has {list(history.columns)}")
         frames.append(
-            history.astype({"epoch": int, "error": float, "val_error": float})
+            history.astype(CURVE_SOURCE_TYPES)
             .rename(columns={"error": "train_error"})
             .assign(model=model, seed=int(seed))[list(CURVE_COLUMNS)]
         )
@@ -525,14 +531,11 @@ def plot_final_errors(
 def render_seeds(errors: Mapping[str, Mapping[int, float]]) -> str:
     """Each member's final clean training error as a Markdown table: a row per model, a column per seed."""
     seeds = sorted({seed for per_seed in errors.values() for seed in per_seed})
-    lines = [
-        "| Model | " + " | ".join(f"seed {seed}" for seed in seeds) + " |",
-        "|---|" + "---:|" * len(seeds),
+    rows = [
+        [model, *(_pct(per_seed[seed]) if seed in per_seed else "—" for seed in seeds)]
+        for model, per_seed in errors.items()
     ]
-    for model, per_seed in errors.items():
-        cells = [_pct(per_seed[seed]) if seed in per_seed else "—" for seed in seeds]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return _markdown_table(["Model", *(f"seed {seed}" for seed in seeds)], rows, "l" + "r" * len(seeds))
 
 
 def plot_confusion_matrix(
@@ -592,9 +595,8 @@ def member_record(summary: Mapping, evaluation: Mapping | None = None) -> dict:
             training split, `test_error`), if any.
 
     Returns:
-        model, seed, family, depth, params, macs, epochs, train_time_s, images_per_sec, train_error (the
-        clean pass; NaN without `evaluation`), running_train_error (the last epoch's running average
-        under augmentation), final_val_error, test_error.
+        The row: `train_error` is the clean pass (NaN without `evaluation`), `running_train_error` the
+        last epoch's running average under augmentation.
 
     Raises:
         ValueError: a key of the training contract is missing.
@@ -678,7 +680,7 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
         "Slope, last epochs (pts/epoch)", "Val. err. (%)", "Test err. (%)", "Epochs", "Train time (s)",
         "Images/s",
     ]  # fmt: skip
-    lines = ["| " + " | ".join(headings) + " |", "|---|" + "---:|" * (len(headings) - 1)]
+    rows = []
     for row in table.to_dict("records"):
         slope = slopes.get(row["model"])
         slope_cell = "n/a"
@@ -690,32 +692,29 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
         cells += [_mean_std(row, number, ".2f", 100) for number in ("final_val_error", "test_error")]
         cells += [_mean_std(row, "epochs", ".0f"), _mean_std(row, "train_time_s", ".1f")]
         cells.append(_mean_std(row, "images_per_sec", ".0f"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return _markdown_table(headings, rows, "l" + "r" * (len(headings) - 1))
 
 
 def render_comparisons(result: Mapping) -> str:
     """Render the verdict's claims as a Markdown table."""
     test = TESTS[result.get("test", "welch")]
     estimate = test.estimate[0].upper() + test.estimate[1:]
-    lines = [
-        f"| Claim | Test | Mean clean training error | {estimate} (pts) | 95% CI (pts) "
-        "| One-sided bound (pts) | p | Outcome |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
-    ]
+    headings = [
+        "Claim", "Test", "Mean clean training error", f"{estimate} (pts)", "95% CI (pts)",
+        "One-sided bound (pts)", "p", "Outcome",
+    ]  # fmt: skip
     alternatives = {"greater": "d > 0", "less": "d < 0", "non_inferior": f"d < {_points(result['margin'])}"}
+    rows = []
     for c in result["comparisons"]:
-        h1 = f"{test.name}, H1: {alternatives[c['hypothesis']]}"
         means = " vs ".join(_pct(mean) for mean in c["means"].values()) if c["means"] else "—"
-        difference = _points(c["difference"]) if c["difference"] is not None else "—"
-        ci95 = f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}]" if c["ci95"] else "—"
-        bound = _points(c["bound"]) if c["bound"] is not None else "—"
-        p_value = f"{c['p_value']:.3g}" if c["p_value"] is not None else "—"
-        lines.append(
-            f"| {c['key']}: {c['claim']} | {h1} | {means} | {difference} | {ci95} | {bound} | {p_value} "
-            f"| **{c['outcome']}** |"
-        )
-    return "\n".join(lines)
+        tested = ["—"] * 4  # an untested or missing claim has no difference, interval, bound or p
+        if c["p_value"] is not None:
+            ci95 = f"[{_points(c['ci95'][0])}, {_points(c['ci95'][1])}]"
+            tested = [_points(c["difference"]), ci95, _points(c["bound"]), f"{c['p_value']:.3g}"]
+        h1 = f"{test.name}, H1: {alternatives[c['hypothesis']]}"
+        rows.append([f"{c['key']}: {c['claim']}", h1, means, *tested, f"**{c['outcome']}**"])
+    return _markdown_table(headings, rows, "llrrrrrl")
 
 
 def render_design(design: Mapping) -> str:
