@@ -30,18 +30,6 @@ _WEIGHTS = re.compile(r"^epoch-(\d+)\.weights\.h5$")
 _PARTIAL_PREFIX = ".partial-"
 
 
-def _readable(path: Path) -> str | None:
-    """None when every dataset of the HDF5 file reads; else why not."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as handle:
-            handle.visititems(lambda _, item: item[()] if isinstance(item, h5py.Dataset) else None)
-    except Exception as exc:  # noqa: BLE001  h5py raises OSError, KeyError, RuntimeError... for damage
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
 def restorable(backup_dir: str | os.PathLike) -> tuple[int, Path] | None:
     """The newest checkpoint in `backup_dir` that reads whole, as (finished epochs, weights file).
 
@@ -51,6 +39,8 @@ def restorable(backup_dir: str | os.PathLike) -> tuple[int, Path] | None:
     Returns:
         None when there is nothing to resume from: the run starts afresh.
     """
+    import h5py
+
     backup_dir = Path(backup_dir)
     if not backup_dir.is_dir():
         return None
@@ -63,16 +53,18 @@ def restorable(backup_dir: str | os.PathLike) -> tuple[int, Path] | None:
         named = json.loads((backup_dir / METADATA_FILE).read_text())["weights"]
         candidates.sort(key=lambda candidate: candidate[1].name != named)
     for epoch, path in candidates:
-        problem = _readable(path)
-        if problem is None:
+        try:  # every dataset: a damaged file may still open
+            with h5py.File(path, "r") as handle:
+                handle.visititems(lambda _, item: item[()] if isinstance(item, h5py.Dataset) else None)
             return epoch, path
-        older = [str(p) for e, p in candidates if e < epoch]
-        log.warning(
-            "checkpoint %s cannot be read (%s): removed it, %s",
-            path,
-            problem,
-            f"falling back to an older one ({older[0]})" if older else "starting afresh",
-        )
+        except Exception as exc:  # noqa: BLE001  h5py raises OSError, KeyError, RuntimeError... for damage
+            older = [str(p) for e, p in candidates if e < epoch]
+            log.warning(
+                "checkpoint %s cannot be read (%s): removed it, %s",
+                path,
+                f"{type(exc).__name__}: {exc}",
+                f"falling back to an older one ({older[0]})" if older else "starting afresh",
+            )
         # It would never read; removed, it is not warned about again by the next look.
         path.unlink(missing_ok=True)
     return None

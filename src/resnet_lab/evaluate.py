@@ -64,10 +64,8 @@ def evaluate_model(model, dataset: Iterable, class_names: Sequence[str], *, prog
     last = model.layers[-1]  # a softmax (as in resnet_lab.models) gives probabilities, anything else logits
     activation = getattr(getattr(last, "activation", None), "__name__", "")
     from_logits = not (isinstance(last, keras.layers.Softmax) or activation == "softmax")
-    cardinality = int(dataset.cardinality()) if hasattr(dataset, "cardinality") else -1
-    progbar = keras.utils.Progbar(
-        cardinality if cardinality >= 0 else None, unit_name="batch", verbose=1 if progress else 0
-    )
+    batches = int(dataset.cardinality()) if hasattr(dataset, "cardinality") else -1
+    progbar = keras.utils.Progbar(batches if batches >= 0 else None, unit_name="batch", verbose=int(progress))
 
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     loss_sum = 0.0

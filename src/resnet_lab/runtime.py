@@ -26,21 +26,18 @@ def make_strategy(cfg: DictConfig):
     """
     import tensorflow as tf
 
-    logical_cpus = cfg.trainer.get("logical_cpus")
-    if logical_cpus and logical_cpus > 1:
+    logical_cpus = cfg.trainer.get("logical_cpus") or 1
+    if logical_cpus > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         if tf.config.get_logical_device_configuration(cpu) is None:
             tf.config.set_logical_device_configuration(
                 cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(logical_cpus)]
             )
     choice = cfg.trainer.distribution
-    if choice == "auto":
-        if os.environ.get("TF_CONFIG"):
-            choice = "multi_worker"
-        elif len(tf.config.list_logical_devices("GPU")) > 1 or (logical_cpus or 1) > 1:
-            choice = "mirrored"
-        else:
-            choice = "one_device"
+    if choice == "auto" and os.environ.get("TF_CONFIG"):
+        choice = "multi_worker"
+    elif choice == "auto" and (logical_cpus > 1 or len(tf.config.list_logical_devices("GPU")) > 1):
+        choice = "mirrored"
     if choice == "multi_worker":
         _let_keras_fit_on_several_workers()
         return tf.distribute.MultiWorkerMirroredStrategy()

@@ -19,10 +19,8 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
 
     def __call__(self, step):
         step = keras.ops.cast(step, "float32")
-        ramp = (step + 1.0) / float(self.warmup_steps)
-        return keras.ops.where(
-            step < self.warmup_steps, ramp * self.after_warmup(step), self.after_warmup(step)
-        )
+        rate = self.after_warmup(step)
+        return keras.ops.where(step < self.warmup_steps, (step + 1.0) / float(self.warmup_steps) * rate, rate)
 
     def get_config(self):
         return {
@@ -81,17 +79,14 @@ def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: i
             warmup_target=learning_rate if warmup_steps else None,
             warmup_steps=warmup_steps,
         )
-    if schedule.name == "step":
-        after = keras.optimizers.schedules.PiecewiseConstantDecay(
-            boundaries=[int(m * total_steps) for m in schedule.milestones],
-            values=[learning_rate * schedule.factor**i for i in range(len(schedule.milestones) + 1)],
-        )
-    elif not warmup_steps:
+    if schedule.name != "step" and not warmup_steps:
         return learning_rate
-    else:
-        after = keras.optimizers.schedules.PiecewiseConstantDecay(
-            [total_steps], [learning_rate, learning_rate]
-        )
+    # A warmed-up constant rate is a step schedule whose one step, at the end, changes nothing.
+    milestones, factor = (schedule.milestones, schedule.factor) if schedule.name == "step" else ([1.0], 1.0)
+    after = keras.optimizers.schedules.PiecewiseConstantDecay(
+        boundaries=[int(m * total_steps) for m in milestones],
+        values=[learning_rate * factor**i for i in range(len(milestones) + 1)],
+    )
     if not warmup_steps:
         return after
     if schedule.warmup_factor is not None:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,9 +24,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from resnet_lab import tracking
-from resnet_lab.config import checkpoint_dir, member_name, run_dir, stage_config
+from resnet_lab.config import checkpoint_dir, compose, conf_dir, member_name, run_dir, stage_config
 from resnet_lab.errors import ConfigError, cli
-from resnet_lab.files import write_text_atomically
+from resnet_lab.files import staged_files, write_text_atomically
 from resnet_lab.runtime import is_chief, make_strategy, resolve_jit_compile, resolve_precision, worker_task
 from resnet_lab.schema import config_error, validate
 
@@ -36,11 +37,9 @@ class TrainingDiverged(RuntimeError):
 
 def check_output_dir(path: Path, what: str) -> None:
     """Fail with one line when `path` cannot become a directory: it or one of its parents is a file."""
-    for existing in (path, *path.parents):
-        if existing.exists():
-            if not existing.is_dir():
-                raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(existing)!r} is a file")
-            return
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ConfigError(f"{what} {str(path)!r} cannot be created: {str(blocking)!r} is a file")
 
 
 def effective_learning_rate(cfg: DictConfig) -> float:
@@ -127,37 +126,58 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     with _runtime(cfg) as (strategy, precision):
         # Data and model first: bad input fails on one line before a run is opened.
         data = _datasets(cfg, work_dir)
-        spec, replicas = data["spec"], strategy.num_replicas_in_sync
+        spec, steps, replicas = data["spec"], data["train_steps"], strategy.num_replicas_in_sync
         with strategy.scope():
             model = build_from_config(
                 cfg.model, spec.num_classes, spec.input_shape, cfg.optimizer.weight_decay
             )
-            compile_model(model, cfg, data["train_steps"], replicas=replicas)
-        size = (count_params(model), count_macs(model))
+            compile_model(model, cfg, steps, replicas=replicas)
+        # What the model measures, and what the `auto` settings resolved to on this machine.
+        resolved = {
+            "model.trainable_params": count_params(model),
+            "model.macs_per_image": count_macs(model),
+            "replicas": replicas,
+            "precision_policy": precision,
+            "optimizer.effective_learning_rate": effective_learning_rate(cfg),
+            "jit_compile": bool(model.jit_compile),
+        }
         with opened as run:
             if run is not None:
                 if not run.resumed:
-                    run.log_params(_resolved_params(cfg, model, size, precision, replicas))
+                    run.log_params(resolved)
                     tracking.log_dataset_inputs(run, cfg, ("train", "validation"))
                 write_text_atomically(work_dir / "config.yaml", tracking.masked_yaml(cfg))
-                write_text_atomically(work_dir / "model_summary.txt", _summary_text(model))
+                lines: list[str] = []
+                model.summary(line_length=110, print_fn=lambda line, **_: lines.append(line))
+                write_text_atomically(work_dir / "model_summary.txt", "\n".join(lines))
             on_epoch = tracking.live_sync(work_dir, run.client) if run is not None else None
             started = time.perf_counter()
             history = model.fit(
                 data["train"],
                 validation_data=data["validation"],
                 epochs=int(cfg.trainer.epochs),
-                steps_per_epoch=data["train_steps"],
-                validation_steps=data["validation_steps"],
+                steps_per_epoch=steps,
+                validation_steps=cfg.trainer.validation_steps,
                 callbacks=_callbacks(cfg, data, work_dir, on_epoch),
                 shuffle=False,  # make_dataset shuffles with the run's seed
                 verbose=1 if sys.stdout.isatty() else 2,
             )
             train_time = time.perf_counter() - started
-            _check_finite(cfg, history)
-            summary = _save_results(cfg, arch, model, size, work_dir, train_time, run, data["train_steps"])
+            losses = history.history.get("loss")
+            if not losses or not all(math.isfinite(v[-1]) for v in history.history.values() if v):
+                raise TrainingDiverged(
+                    f"loss became NaN or infinite at epoch {len(losses or [])}; "
+                    f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate}, "
+                    f"{effective_learning_rate(cfg):g} for the batch)"
+                )
+            summary = _save_results(cfg, arch, model, resolved, work_dir, train_time, run, steps)
     if results_dir is not None and is_chief():
-        _publish_results(work_dir, results_dir)
+        # The output keeps what `python -m resnet_lab.tracking sync` needs, should MLflow lack any of it.
+        with staged_files(results_dir) as staging:
+            for item in work_dir.iterdir():
+                if item.is_file():
+                    shutil.copy2(item, staging / item.name)
+        shutil.rmtree(work_dir, ignore_errors=True)
     return {**summary["final"], "mlflow_run_id": summary["mlflow_run_id"]}
 
 
@@ -175,7 +195,16 @@ def _run_dirs(cfg: DictConfig, output_dir) -> tuple[Path, Path | None]:
         task_type, index = worker_task()
         work_dir = work_dir / f"{task_type}-{index}"
     elif results_dir is not None:
-        _discard_other_configs_checkpoint(work_dir, tracking.masked_yaml(cfg))
+        # DVC reruns a stage when a parameter changed: that run must start afresh, not resume another's
+        # epochs. The configuration is recorded in the file that `train` writes as the run's own.
+        config_yaml, recorded = tracking.masked_yaml(cfg), work_dir / "config.yaml"
+        stale = work_dir.is_dir() and not (recorded.is_file() and recorded.read_text() == config_yaml)
+        if stale and ((work_dir / "backup").exists() or (work_dir / tracking.RUN_ID_FILE).exists()):
+            print(f"{work_dir} holds a checkpoint of another configuration: starting afresh", file=sys.stderr)
+        if stale:
+            shutil.rmtree(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(recorded, config_yaml)
     work_dir.mkdir(parents=True, exist_ok=True)
     return work_dir, results_dir
 
@@ -210,15 +239,23 @@ def _datasets(cfg: DictConfig, work_dir: Path) -> dict:
     from resnet_lab import data as data_lib
     from resnet_lab.checkpoints import restorable
 
-    spec = data_lib.data_spec(cfg)
+    spec, batch_size = data_lib.data_spec(cfg), cfg.trainer.batch_size
+    for split in ("train", "validation"):
+        if spec.num_batches(split, batch_size, training=split == "train") < 1:
+            raise ConfigError(
+                f"trainer.batch_size {batch_size} is larger than the {spec.num_examples[split]} "
+                f"{split} examples of {cfg.data.name}"
+            )
+    train_steps = int(cfg.trainer.steps_per_epoch or spec.num_batches("train", batch_size, training=True))
     found = restorable(work_dir / "backup") if cfg.trainer.checkpoint else None
-    train_ds, train_steps = _split(
-        data_lib, spec, "train", cfg, cfg.trainer.steps_per_epoch, training=True,
-        skip_epochs=found[0] if found else 0,
-    )  # fmt: skip
-    val_ds, val_steps = _split(
-        data_lib, spec, "validation", cfg, cfg.trainer.validation_steps, training=False
-    )
+    # One stream over every epoch, so that a resumed run skips the batches the killed run consumed
+    # and sees, with trainer.deterministic, those an uninterrupted run would have seen.
+    consumed = found[0] * train_steps if found else 0
+    train_ds = data_lib.make_dataset("train", cfg, training=True).repeat().skip(consumed)
+    val_ds = data_lib.make_dataset("validation", cfg, training=False)
+    if cfg.trainer.validation_steps:
+        # Keras keeps one iterator across epochs when it is given a step count: it must not run dry.
+        val_ds = val_ds.repeat()
     # Its own dataset: a second iterator over train_ds would shift the training iterator's shuffles.
     probe_ds = data_lib.make_dataset("train", cfg, training=False)
     if float(cfg.trainer.label_smoothing):
@@ -226,22 +263,8 @@ def _datasets(cfg: DictConfig, work_dir: Path) -> dict:
             ds.map(lambda x, y: (x, tf.one_hot(y, spec.num_classes))) for ds in (train_ds, val_ds, probe_ds)
         )
     return {
-        "spec": spec, "train": train_ds, "train_steps": train_steps,
-        "validation": val_ds, "validation_steps": val_steps, "probe": probe_ds,
+        "spec": spec, "train": train_ds, "train_steps": train_steps, "validation": val_ds, "probe": probe_ds,
     }  # fmt: skip
-
-
-def _resolved_params(cfg: DictConfig, model, size: tuple[int, int], precision: str, replicas: int) -> dict:
-    """What the model measures (`size`: parameters, MACs per image) and what the `auto` settings resolved
-    to on this machine."""
-    return {
-        "model.trainable_params": size[0],
-        "model.macs_per_image": size[1],
-        "replicas": replicas,
-        "precision_policy": precision,
-        "optimizer.effective_learning_rate": effective_learning_rate(cfg),
-        "jit_compile": bool(model.jit_compile),
-    }
 
 
 def _callbacks(cfg: DictConfig, data: dict, work_dir: Path, on_epoch) -> list:
@@ -263,18 +286,8 @@ def _callbacks(cfg: DictConfig, data: dict, work_dir: Path, on_epoch) -> list:
     return callbacks
 
 
-def _check_finite(cfg: DictConfig, history) -> None:
-    last = {k: float(v[-1]) for k, v in history.history.items() if v}
-    if not history.history.get("loss") or not all(math.isfinite(v) for v in last.values()):
-        raise TrainingDiverged(
-            f"loss became NaN or infinite at epoch {len(history.history.get('loss', []))}; "
-            f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate}, "
-            f"{effective_learning_rate(cfg):g} for the batch)"
-        )
-
-
 def _save_results(
-    cfg: DictConfig, arch, model, size, work_dir: Path, train_time: float, run, steps: int
+    cfg: DictConfig, arch, model, resolved: dict, work_dir: Path, train_time: float, run, steps: int
 ) -> dict:
     """The model, the learning curve and `summary.json` in the run directory (MLflow gets them by sync)."""
     import pandas as pd
@@ -291,8 +304,8 @@ def _save_results(
         "seed": int(cfg.seed),
         "family": arch.family,
         "depth": arch.depth,
-        "params": size[0],
-        "macs": size[1],
+        "params": resolved["model.trainable_params"],
+        "macs": resolved["model.macs_per_image"],
         "epochs": int(last["epoch"]),
         "train_time_s": round(train_time, 3),
         "images_per_sec": float(history["images_per_sec"].mean()),
@@ -306,63 +319,6 @@ def _save_results(
     }
     write_text_atomically(work_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _discard_other_configs_checkpoint(work_dir: Path, config_yaml: str) -> None:
-    """Keep the checkpoint in a DVC stage's work directory only if it was made with this configuration.
-
-    DVC reruns a stage when a parameter changed: that run must start afresh, not resume another's epochs.
-    """
-    import shutil
-
-    recorded = work_dir / "config.yaml"  # the same file that `train` writes as the run's configuration
-    if work_dir.is_dir() and not (recorded.is_file() and recorded.read_text() == config_yaml):
-        if (work_dir / "backup").exists() or (work_dir / tracking.RUN_ID_FILE).exists():
-            print(f"{work_dir} holds a checkpoint of another configuration: starting afresh", file=sys.stderr)
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(recorded, config_yaml)
-
-
-def _publish_results(work_dir: Path, results_dir: Path) -> None:
-    """Move a finished stage's results into its DVC output directory, each file whole, then tidy up.
-
-    The directory keeps what `python -m resnet_lab.tracking sync` needs, should MLflow lack any of it.
-    """
-    import shutil
-
-    from resnet_lab.files import staged_files
-
-    with staged_files(results_dir) as staging:
-        for item in work_dir.iterdir():
-            if item.is_file():
-                shutil.copy2(item, staging / item.name)
-    shutil.rmtree(work_dir, ignore_errors=True)
-
-
-def _split(data_lib, spec, split, cfg, steps, *, training, skip_epochs=0):
-    batches = spec.num_batches(split, cfg.trainer.batch_size, training=training)
-    if batches < 1:
-        raise ConfigError(
-            f"trainer.batch_size {cfg.trainer.batch_size} is larger than the {spec.num_examples[split]} "
-            f"{split} examples of {cfg.data.name}"
-        )
-    dataset = data_lib.make_dataset(split, cfg, training=training)
-    if training:
-        # One stream over every epoch, so that a resumed run skips the batches the killed run consumed
-        # and sees, with trainer.deterministic, those an uninterrupted run would have seen.
-        steps = int(steps or batches)
-        return dataset.repeat().skip(skip_epochs * steps), steps
-    if steps:
-        # Keras keeps one iterator across epochs when it is given a step count: it must not run dry.
-        return dataset.repeat(), int(steps)
-    return dataset, None
-
-
-def _summary_text(model) -> str:
-    lines: list[str] = []
-    model.summary(line_length=110, print_fn=lambda line, **_: lines.append(line))
-    return "\n".join(lines)
 
 
 def _hydra_main(cfg: DictConfig) -> float:
@@ -403,8 +359,6 @@ def check_command_line(argv: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from resnet_lab.config import compose, conf_dir
-
     args = get_args_parser().parse_args(argv)
     if args.config_path or args.config_name or args.config_dir:
         return  # another primary config: left to Hydra
@@ -436,8 +390,6 @@ def main() -> None:
         stage_main(sys.argv[1:])
         return
     import hydra
-
-    from resnet_lab.config import conf_dir
 
     cli(check_command_line)(sys.argv[1:])
     app = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(cli(_hydra_main))
