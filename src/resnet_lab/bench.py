@@ -5,14 +5,9 @@
     python -m resnet_lab.bench --pipeline-only --image-size 16 224     # make_dataset alone, no model
 
 A case builds, compiles and fits its model as `train` does (`build_from_config`, `compile_model`, the
-strategy and precision of `trainer`); a callback stamps the end of each step. The warm-up steps absorb
-tracing and XLA compilation; the median of the timed steps gives the throughput. The `pipeline` input is
-the training `make_dataset`; `memory` is one of its batches, repeated. `keras.ResNet50` is
-`keras.applications.ResNet50(weights=None)`, compiled with our optimizer and loss, at 32 px at least
-(Keras refuses smaller images).
-
-FLOPs: 6 per multiply-accumulate of the conv and dense layers (2 per MAC; a training step costs about
-three forward passes), set against a dense matmul measured here before and after the cases, best kept.
+strategy and precision of `trainer`); warm-up steps absorb tracing and XLA compilation, and the median of
+the timed steps gives the throughput. FLOPs: 6 per multiply-accumulate of the conv and dense layers (2 per
+MAC; a training step costs about three forward passes), set against a dense matmul measured in the same run.
 """
 
 from __future__ import annotations
@@ -91,8 +86,11 @@ class Plan:
     overrides: tuple[str, ...]
 
 
-def check(settings: Settings, overrides: Sequence[str] = ()) -> Plan:
+def check(settings: Settings, base: DictConfig, overrides: Sequence[str] = ()) -> Plan:
     """Reject settings that cannot run, before any measurement, with one line naming the bad value.
+
+    Args:
+        base: the configuration composed with `overrides`, which every model of `settings` is composed with.
 
     Raises:
         ConfigError: a bad setting, Hydra override or configuration value.
@@ -101,7 +99,7 @@ def check(settings: Settings, overrides: Sequence[str] = ()) -> Plan:
     """
     from resnet_lab.data import data_spec
     from resnet_lab.models import get_arch, total_stride
-    from resnet_lab.train import validate
+    from resnet_lab.schema import validate
 
     for name, values in (("image-size", settings.image_sizes), ("batch-size", settings.batch_sizes),
                          ("steps", [settings.steps]), ("warmup-steps", [settings.warmup_steps])):  # fmt: skip
@@ -115,17 +113,16 @@ def check(settings: Settings, overrides: Sequence[str] = ()) -> Plan:
     for name in ours:
         get_arch(name)
 
-    base = compose(overrides)
+    validate(base)
     cfgs = {None: base, KERAS_REFERENCE: base}
-    cfgs.update({name: compose([*overrides, f"model={name}"]) for name in ours})
-    for name, cfg in cfgs.items():
+    for name in ours:
+        cfgs[name] = cfg = compose([*overrides, f"model={name}"])
         validate(cfg)
-        stem = cfg.model.get("stem") or get_arch(cfg.model.name).layout
-        stride = total_stride(get_arch(cfg.model.name), stem)
-        if name in ours and min(settings.image_sizes) < stride:
+        stride = total_stride(get_arch(cfg.model.name), cfg.model.stem)
+        if min(settings.image_sizes) < stride:
             raise ConfigError(
                 f"--image-size {min(settings.image_sizes)} is smaller than {name}'s total stride {stride} "
-                f"with the {stem} stem; use at least {stride}"
+                f"with the {cfg.model.stem} stem; use at least {stride}"
             )
     spec = data_spec(base)
     return Plan(cfgs, spec.input_shape[-1], spec.num_classes, tuple(overrides))
@@ -186,7 +183,8 @@ def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
     import tensorflow as tf
 
     from resnet_lab.data import make_dataset
-    from resnet_lab.models import count_macs, count_params
+    from resnet_lab.models import build_from_config, count_macs, count_params
+    from resnet_lab.train import compile_model, make_optimizer
 
     cfg = OmegaConf.merge(
         plan.cfgs[case.model],
@@ -200,7 +198,17 @@ def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
     else:
         if case.input == "memory":
             dataset = tf.data.Dataset.from_tensors(next(iter(dataset))).repeat()
-        model = _compiled_model(case, cfg, plan, strategy, total_steps)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(int(cfg.seed))
+        shape = (case.image_size, case.image_size, plan.channels)
+        with strategy.scope():
+            if case.model == KERAS_REFERENCE:
+                model = keras.applications.ResNet50(weights=None, input_shape=shape, classes=plan.classes)
+                loss = keras.losses.SparseCategoricalCrossentropy()
+                model.compile(optimizer=make_optimizer(cfg, total_steps), loss=loss, metrics=["accuracy"])
+            else:
+                model = build_from_config(cfg.model, plan.classes, shape, cfg.optimizer.weight_decay)
+                compile_model(model, cfg, total_steps, replicas=strategy.num_replicas_in_sync)
         ends = []
         # Not async-safe, so Keras turns each step's logs into Python numbers first: that waits for the step.
         clock = keras.callbacks.LambdaCallback(
@@ -225,29 +233,6 @@ def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
         "matmul_fraction": None,
         "pipeline_vs_memory": None,
     }
-
-
-def _compiled_model(case: Case, cfg: DictConfig, plan: Plan, strategy, steps: int):
-    import keras
-
-    from resnet_lab.models import build_from_config
-    from resnet_lab.train import compile_model, make_optimizer
-
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(int(cfg.seed))
-    shape = (case.image_size, case.image_size, plan.channels)
-    with strategy.scope():
-        if case.model != KERAS_REFERENCE:
-            model = build_from_config(cfg.model, plan.classes, shape, cfg.optimizer.weight_decay)
-            compile_model(model, cfg, steps, replicas=strategy.num_replicas_in_sync)
-            return model
-        model = keras.applications.ResNet50(weights=None, input_shape=shape, classes=plan.classes)
-        model.compile(
-            optimizer=make_optimizer(cfg, steps),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
-            metrics=["accuracy"],
-        )
-        return model
 
 
 def matmul_ceiling(dtype: str = "float32") -> dict:
@@ -358,7 +343,16 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _parser() -> argparse.ArgumentParser:
+@cli
+def main(argv: Sequence[str] | None = None) -> None:
+    """Measure, print the table, write the JSON report, and log to MLflow with `--mlflow`."""
+    from resnet_lab.files import write_text_atomically
+    from resnet_lab.tracking import open_run
+    from resnet_lab.train import check_output_dir
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # KEY=VALUE anywhere is a Hydra override, so one cannot end up in the list of an option before it.
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
     parser = _Parser(
         prog="python -m resnet_lab.bench",
         description="Training throughput of the model zoo, beside keras.applications.ResNet50.",
@@ -378,30 +372,17 @@ def _parser() -> argparse.ArgumentParser:
     add("--pipeline-only", action="store_true", help="time make_dataset alone, without a model")
     add("--output", default="bench.json", help="the JSON report (default: %(default)s)")
     add("--mlflow", action="store_true", help="log to an MLflow run tagged resnet_lab.kind=bench")
-    return parser
-
-
-@cli
-def main(argv: Sequence[str] | None = None) -> None:
-    """Measure, print the table, write the JSON report, and log to MLflow with `--mlflow`."""
-    from resnet_lab.files import write_text_atomically
-    from resnet_lab.tracking import open_run
-    from resnet_lab.train import check_output_dir
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # KEY=VALUE anywhere is a Hydra override, so one cannot end up in the list of an option before it.
-    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
-    args = _parser().parse_args([arg for arg in argv if arg not in overrides])
-    study = compose(overrides)
+    args = parser.parse_args([arg for arg in argv if arg not in overrides])
+    base = compose(overrides)
     settings = Settings(
-        models=(None,) if args.pipeline_only else tuple(args.models or study.study.models),
-        image_sizes=tuple(args.image_size or [study.data.image_size]),
-        batch_sizes=tuple(args.batch_size or [study.trainer.batch_size]),
+        models=(None,) if args.pipeline_only else tuple(args.models or base.study.models),
+        image_sizes=tuple(args.image_size or [base.data.image_size]),
+        batch_sizes=tuple(args.batch_size or [base.trainer.batch_size]),
         inputs=("pipeline",) if args.pipeline_only else tuple(args.input),
         steps=args.steps,
         warmup_steps=args.warmup_steps,
     )
-    plan = check(settings, overrides)
+    plan = check(settings, base, overrides)
     output = Path(args.output)
     check_output_dir(output.parent, "--output directory")
     opened = open_run(plan.cfgs[None], "bench", "bench") if args.mlflow else contextlib.nullcontext()
