@@ -11,6 +11,7 @@ the row of its residual twin with the shortcut switched off. Layer names follow 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -287,15 +288,9 @@ def count_params(model: keras.Model) -> int:
 
 def count_macs(model: keras.Model) -> int:
     """Multiply-accumulates for one image through the conv and dense layers (Table 1's FLOPs)."""
-    macs = 0
-    for layer in model.layers:
-        if isinstance(layer, layers.Conv2D):
-            _, out_h, out_w, out_c = layer.output.shape
-            kernel_h, kernel_w, in_c, _ = layer.kernel.shape
-            macs += out_h * out_w * out_c * kernel_h * kernel_w * in_c
-        elif isinstance(layer, layers.Dense):
-            macs += layer.kernel.shape[0] * layer.kernel.shape[1]
-    return int(macs)
+    # Each kernel weight multiplies once per output position: at every pixel of a conv's map, once in a dense.
+    weighted = [layer for layer in model.layers if isinstance(layer, layers.Conv2D | layers.Dense)]
+    return int(sum(math.prod(layer.output.shape[1:-1]) * math.prod(layer.kernel.shape) for layer in weighted))
 
 
 @cli
