@@ -113,7 +113,8 @@ def dataset_info(cfg: DictConfig) -> dict:
         raise DataError(f"{path} is not a valid dataset description ({type(exc).__name__}: {exc})") from exc
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} is not a format_version {FORMAT_VERSION} dataset description: rerun prepare")
-    if missing := _missing_fields(info):
+    fields = _FIELDS.split() + [f"splits.{split}.{key}" for split in SPLITS for key in _SPLIT_FIELDS.split()]
+    if missing := [field for field in fields if not _has(info, field.split("."))]:
         raise DataError(f"{path} lacks {', '.join(missing)}: rerun the prepare stage")
     if info["name"] != cfg.data.name:
         raise DataError(
@@ -163,14 +164,8 @@ _FIELDS = "name version class_names image_shape tfds_splits normalization.mean n
 _SPLIT_FIELDS = "source indices indices_sha256 num_examples"
 
 
-def _missing_fields(info: dict) -> list[str]:
-    """The dotted fields of `_FIELDS`, and of `_SPLIT_FIELDS` for every split, that `info` lacks."""
-
-    def has(node, keys: list[str]) -> bool:
-        return not keys or (isinstance(node, dict) and keys[0] in node and has(node[keys[0]], keys[1:]))
-
-    split_fields = [f"splits.{split}.{key}" for split in SPLITS for key in _SPLIT_FIELDS.split()]
-    return [field for field in _FIELDS.split() + split_fields if not has(info, field.split("."))]
+def _has(node, keys: list[str]) -> bool:
+    return not keys or (isinstance(node, dict) and keys[0] in node and _has(node[keys[0]], keys[1:]))
 
 
 def data_spec(cfg: DictConfig) -> DataSpec:
