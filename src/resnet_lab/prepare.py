@@ -177,7 +177,8 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, *, data_dir: Path, 
     download_dir = data_dir / "downloads"
     if not builder.is_prepared():
         pending = _pending_downloads(builder, download_dir=download_dir, manual_dir=manual_dir)
-        failures = _probe({urlparse(url).hostname: url for url in pending})
+        web = {urlparse(url).hostname: url for url in pending if urlparse(url).scheme in ("http", "https")}
+        failures = _probe(web)
         if failures:
             reasons = ", ".join(f"{host} unreachable ({why})" for host, why in failures.items())
             raise DataError(_download_failed(builder, pending, manual_dir, reasons))
@@ -208,8 +209,6 @@ def _probe(url_per_host: dict[str, str]) -> dict[str, str]:
     failures: dict[str, str] = {}
 
     def ask(host: str, url: str) -> None:
-        if urlparse(url).scheme not in ("http", "https"):
-            return
         try:
             requests.head(url, timeout=PROBE_TIMEOUT_S, allow_redirects=False)
         except requests.RequestException as exc:
