@@ -76,28 +76,21 @@ class Settings:
         return list(dict.fromkeys(cases))
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What `check` composed: the configuration of each case's model, and the dataset's shape."""
-
-    cfgs: dict[str | None, DictConfig]
-    channels: int
-    classes: int
-    overrides: tuple[str, ...]
-
-
-def check(settings: Settings, base: DictConfig, overrides: Sequence[str] = ()) -> Plan:
+def check(settings: Settings, base: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Reject settings that cannot run, before any measurement, with one line naming the bad value.
 
     Args:
         base: the configuration composed with `overrides`, which every model of `settings` is composed with.
+
+    Returns:
+        The configuration of each model of `settings`: `base` for None and `KERAS_REFERENCE`.
 
     Raises:
         ConfigError: a bad setting, Hydra override or configuration value.
         ValueError: an unknown model.
         DataError: the dataset is not prepared.
     """
-    from resnet_lab.data import data_spec
+    from resnet_lab.data import dataset_info
     from resnet_lab.models import get_arch, total_stride
     from resnet_lab.schema import validate
 
@@ -109,13 +102,10 @@ def check(settings: Settings, base: DictConfig, overrides: Sequence[str] = ()) -
     for source in settings.inputs:
         if source not in INPUTS:
             raise ConfigError(f"unknown --input {source!r}; choose from {list(INPUTS)}")
-    ours = [name for name in settings.models if name not in (None, KERAS_REFERENCE)]
-    for name in ours:
-        get_arch(name)
-
     validate(base)
     cfgs = {None: base, KERAS_REFERENCE: base}
-    for name in ours:
+    for name in [model for model in settings.models if model not in cfgs]:
+        get_arch(name)  # its error lists the models; Hydra's would name a missing config file
         cfgs[name] = cfg = compose([*overrides, f"model={name}"])
         validate(cfg)
         stride = total_stride(get_arch(cfg.model.name), cfg.model.stem)
@@ -124,12 +114,12 @@ def check(settings: Settings, base: DictConfig, overrides: Sequence[str] = ()) -
                 f"--image-size {min(settings.image_sizes)} is smaller than {name}'s total stride {stride} "
                 f"with the {cfg.model.stem} stem; use at least {stride}"
             )
-    spec = data_spec(base)
-    return Plan(cfgs, spec.input_shape[-1], spec.num_classes, tuple(overrides))
+    dataset_info(base)
+    return cfgs
 
 
-def bench(settings: Settings, plan: Plan) -> dict:
-    """Measure every case of `settings`, as `check` planned them.
+def bench(settings: Settings, cfgs: dict[str | None, DictConfig], overrides: Sequence[str] = ()) -> dict:
+    """Measure every case of `settings`, each with its model's configuration from `check`.
 
     Returns:
         The report `--output` writes: `machine`, `settings`, `matmul_ceiling`, one record per case.
@@ -138,7 +128,7 @@ def bench(settings: Settings, plan: Plan) -> dict:
 
     from resnet_lab.runtime import make_strategy, resolve_precision
 
-    base = plan.cfgs[None]
+    base = cfgs[None]
     strategy = make_strategy(base)  # first: logical CPU devices are set before TensorFlow initialises
     replicas = strategy.num_replicas_in_sync
     for batch in settings.batch_sizes:
@@ -150,7 +140,7 @@ def bench(settings: Settings, plan: Plan) -> dict:
     try:
         policy = keras.mixed_precision.global_policy()
         ceiling = matmul_ceiling(policy.compute_dtype)
-        records = [_measure_case(case, plan, strategy, settings) for case in settings.cases()]
+        records = [_measure_case(case, cfgs[case.model], strategy, settings) for case in settings.cases()]
         # Measured again after the cases, the best kept: on a shared machine one moment can be a busy one.
         ceiling = max(ceiling, matmul_ceiling(policy.compute_dtype), key=lambda c: c["flops_per_sec"])
     finally:
@@ -168,7 +158,7 @@ def bench(settings: Settings, plan: Plan) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "settings": asdict(settings),
-        "overrides": list(plan.overrides),
+        "overrides": list(overrides),
         "precision": policy.name,
         "flops_per_mac": FLOPS_PER_MAC_TRAINING,
         "matmul_ceiling": ceiling,
@@ -176,18 +166,18 @@ def bench(settings: Settings, plan: Plan) -> dict:
     }
 
 
-def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
+def _measure_case(case: Case, cfg: DictConfig, strategy, settings: Settings) -> dict:
     """Time one case's steps: training steps of its model, or batches of the pipeline alone."""
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from resnet_lab.data import make_dataset
+    from resnet_lab.data import data_spec, make_dataset
     from resnet_lab.models import build_from_config, count_macs, count_params
     from resnet_lab.train import compile_model, make_optimizer
 
     cfg = OmegaConf.merge(
-        plan.cfgs[case.model],
+        cfg,
         {"data": {"image_size": case.image_size}, "trainer": {"batch_size": case.batch_size}},
     )
     total_steps = settings.warmup_steps + settings.steps
@@ -200,14 +190,15 @@ def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
             dataset = tf.data.Dataset.from_tensors(next(iter(dataset))).repeat()
         keras.backend.clear_session()
         keras.utils.set_random_seed(int(cfg.seed))
-        shape = (case.image_size, case.image_size, plan.channels)
+        spec = data_spec(cfg)
+        shape, classes = spec.input_shape, spec.num_classes
         with strategy.scope():
             if case.model == KERAS_REFERENCE:
-                model = keras.applications.ResNet50(weights=None, input_shape=shape, classes=plan.classes)
+                model = keras.applications.ResNet50(weights=None, input_shape=shape, classes=classes)
                 loss = keras.losses.SparseCategoricalCrossentropy()
                 model.compile(optimizer=make_optimizer(cfg, total_steps), loss=loss, metrics=["accuracy"])
             else:
-                model = build_from_config(cfg.model, plan.classes, shape, cfg.optimizer.weight_decay)
+                model = build_from_config(cfg.model, classes, shape, cfg.optimizer.weight_decay)
                 compile_model(model, cfg, total_steps, replicas=strategy.num_replicas_in_sync)
         ends = []
         # Not async-safe, so Keras turns each step's logs into Python numbers first: that waits for the step.
@@ -382,12 +373,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         steps=args.steps,
         warmup_steps=args.warmup_steps,
     )
-    plan = check(settings, base, overrides)
+    cfgs = check(settings, base, overrides)
     output = Path(args.output)
     check_output_dir(output.parent, "--output directory")
-    opened = open_run(plan.cfgs[None], "bench", "bench") if args.mlflow else contextlib.nullcontext()
+    opened = open_run(base, "bench", "bench") if args.mlflow else contextlib.nullcontext()
     with opened as run:
-        report = bench(settings, plan)
+        report = bench(settings, cfgs, overrides)
         table = render(report)
         print(table)
         output.parent.mkdir(parents=True, exist_ok=True)
