@@ -5,14 +5,9 @@
     python -m resnet_lab.bench --pipeline-only --image-size 16 224     # make_dataset alone, no model
 
 A case builds, compiles and fits its model as `train` does (`build_from_config`, `compile_model`, the
-strategy and precision of `trainer`); a callback stamps the end of each step. The warm-up steps absorb
-tracing and XLA compilation; the median of the timed steps gives the throughput. The `pipeline` input is
-the training `make_dataset`; `memory` is one of its batches, repeated. `keras.ResNet50` is
-`keras.applications.ResNet50(weights=None)`, compiled with our optimizer and loss, at 32 px at least
-(Keras refuses smaller images).
-
-FLOPs: 6 per multiply-accumulate of the conv and dense layers (2 per MAC; a training step costs about
-three forward passes), set against a dense matmul measured here before and after the cases, best kept.
+strategy and precision of `trainer`); warm-up steps absorb tracing and XLA compilation, and the median of
+the timed steps gives the throughput. FLOPs: 6 per multiply-accumulate of the conv and dense layers (2 per
+MAC; a training step costs about three forward passes), set against a dense matmul measured in the same run.
 """
 
 from __future__ import annotations
@@ -81,27 +76,23 @@ class Settings:
         return list(dict.fromkeys(cases))
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What `check` composed: the configuration of each case's model, and the dataset's shape."""
-
-    cfgs: dict[str | None, DictConfig]
-    channels: int
-    classes: int
-    overrides: tuple[str, ...]
-
-
-def check(settings: Settings, overrides: Sequence[str] = ()) -> Plan:
+def check(settings: Settings, base: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Reject settings that cannot run, before any measurement, with one line naming the bad value.
+
+    Args:
+        base: the configuration composed with `overrides`, which every model of `settings` is composed with.
+
+    Returns:
+        The configuration of each model of `settings`: `base` for None and `KERAS_REFERENCE`.
 
     Raises:
         ConfigError: a bad setting, Hydra override or configuration value.
         ValueError: an unknown model.
         DataError: the dataset is not prepared.
     """
-    from resnet_lab.data import data_spec
+    from resnet_lab.data import dataset_info
     from resnet_lab.models import get_arch, total_stride
-    from resnet_lab.train import validate
+    from resnet_lab.schema import validate
 
     for name, values in (("image-size", settings.image_sizes), ("batch-size", settings.batch_sizes),
                          ("steps", [settings.steps]), ("warmup-steps", [settings.warmup_steps])):  # fmt: skip
@@ -111,28 +102,24 @@ def check(settings: Settings, overrides: Sequence[str] = ()) -> Plan:
     for source in settings.inputs:
         if source not in INPUTS:
             raise ConfigError(f"unknown --input {source!r}; choose from {list(INPUTS)}")
-    ours = [name for name in settings.models if name not in (None, KERAS_REFERENCE)]
-    for name in ours:
-        get_arch(name)
-
-    base = compose(overrides)
+    validate(base)
     cfgs = {None: base, KERAS_REFERENCE: base}
-    cfgs.update({name: compose([*overrides, f"model={name}"]) for name in ours})
-    for name, cfg in cfgs.items():
+    for name in [model for model in settings.models if model not in cfgs]:
+        get_arch(name)  # its error lists the models; Hydra's would name a missing config file
+        cfgs[name] = cfg = compose([*overrides, f"model={name}"])
         validate(cfg)
-        stem = cfg.model.get("stem") or get_arch(cfg.model.name).layout
-        stride = total_stride(get_arch(cfg.model.name), stem)
-        if name in ours and min(settings.image_sizes) < stride:
+        stride = total_stride(get_arch(cfg.model.name), cfg.model.stem)
+        if min(settings.image_sizes) < stride:
             raise ConfigError(
                 f"--image-size {min(settings.image_sizes)} is smaller than {name}'s total stride {stride} "
-                f"with the {stem} stem; use at least {stride}"
+                f"with the {cfg.model.stem} stem; use at least {stride}"
             )
-    spec = data_spec(base)
-    return Plan(cfgs, spec.input_shape[-1], spec.num_classes, tuple(overrides))
+    dataset_info(base)
+    return cfgs
 
 
-def bench(settings: Settings, plan: Plan) -> dict:
-    """Measure every case of `settings`, as `check` planned them.
+def bench(settings: Settings, cfgs: dict[str | None, DictConfig], overrides: Sequence[str] = ()) -> dict:
+    """Measure every case of `settings`, each with its model's configuration from `check`.
 
     Returns:
         The report `--output` writes: `machine`, `settings`, `matmul_ceiling`, one record per case.
@@ -141,7 +128,7 @@ def bench(settings: Settings, plan: Plan) -> dict:
 
     from resnet_lab.runtime import make_strategy, resolve_precision
 
-    base = plan.cfgs[None]
+    base = cfgs[None]
     strategy = make_strategy(base)  # first: logical CPU devices are set before TensorFlow initialises
     replicas = strategy.num_replicas_in_sync
     for batch in settings.batch_sizes:
@@ -153,7 +140,7 @@ def bench(settings: Settings, plan: Plan) -> dict:
     try:
         policy = keras.mixed_precision.global_policy()
         ceiling = matmul_ceiling(policy.compute_dtype)
-        records = [_measure_case(case, plan, strategy, settings) for case in settings.cases()]
+        records = [_measure_case(case, cfgs[case.model], strategy, settings) for case in settings.cases()]
         # Measured again after the cases, the best kept: on a shared machine one moment can be a busy one.
         ceiling = max(ceiling, matmul_ceiling(policy.compute_dtype), key=lambda c: c["flops_per_sec"])
     finally:
@@ -171,7 +158,7 @@ def bench(settings: Settings, plan: Plan) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "settings": asdict(settings),
-        "overrides": list(plan.overrides),
+        "overrides": list(overrides),
         "precision": policy.name,
         "flops_per_mac": FLOPS_PER_MAC_TRAINING,
         "matmul_ceiling": ceiling,
@@ -179,17 +166,18 @@ def bench(settings: Settings, plan: Plan) -> dict:
     }
 
 
-def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
+def _measure_case(case: Case, cfg: DictConfig, strategy, settings: Settings) -> dict:
     """Time one case's steps: training steps of its model, or batches of the pipeline alone."""
     import keras
     import numpy as np
     import tensorflow as tf
 
-    from resnet_lab.data import make_dataset
-    from resnet_lab.models import count_macs, count_params
+    from resnet_lab.data import data_spec, make_dataset
+    from resnet_lab.models import build_from_config, count_macs, count_params
+    from resnet_lab.train import compile_model, make_optimizer
 
     cfg = OmegaConf.merge(
-        plan.cfgs[case.model],
+        cfg,
         {"data": {"image_size": case.image_size}, "trainer": {"batch_size": case.batch_size}},
     )
     total_steps = settings.warmup_steps + settings.steps
@@ -200,7 +188,18 @@ def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
     else:
         if case.input == "memory":
             dataset = tf.data.Dataset.from_tensors(next(iter(dataset))).repeat()
-        model = _compiled_model(case, cfg, plan, strategy, total_steps)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(int(cfg.seed))
+        spec = data_spec(cfg)
+        shape, classes = spec.input_shape, spec.num_classes
+        with strategy.scope():
+            if case.model == KERAS_REFERENCE:
+                model = keras.applications.ResNet50(weights=None, input_shape=shape, classes=classes)
+                loss = keras.losses.SparseCategoricalCrossentropy()
+                model.compile(optimizer=make_optimizer(cfg, total_steps), loss=loss, metrics=["accuracy"])
+            else:
+                model = build_from_config(cfg.model, classes, shape, cfg.optimizer.weight_decay)
+                compile_model(model, cfg, total_steps, replicas=strategy.num_replicas_in_sync)
         ends = []
         # Not async-safe, so Keras turns each step's logs into Python numbers first: that waits for the step.
         clock = keras.callbacks.LambdaCallback(
@@ -225,29 +224,6 @@ def _measure_case(case: Case, plan: Plan, strategy, settings: Settings) -> dict:
         "matmul_fraction": None,
         "pipeline_vs_memory": None,
     }
-
-
-def _compiled_model(case: Case, cfg: DictConfig, plan: Plan, strategy, steps: int):
-    import keras
-
-    from resnet_lab.models import build_from_config
-    from resnet_lab.train import compile_model, make_optimizer
-
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(int(cfg.seed))
-    shape = (case.image_size, case.image_size, plan.channels)
-    with strategy.scope():
-        if case.model != KERAS_REFERENCE:
-            model = build_from_config(cfg.model, plan.classes, shape, cfg.optimizer.weight_decay)
-            compile_model(model, cfg, steps, replicas=strategy.num_replicas_in_sync)
-            return model
-        model = keras.applications.ResNet50(weights=None, input_shape=shape, classes=plan.classes)
-        model.compile(
-            optimizer=make_optimizer(cfg, steps),
-            loss=keras.losses.SparseCategoricalCrossentropy(),
-            metrics=["accuracy"],
-        )
-        return model
 
 
 def matmul_ceiling(dtype: str = "float32") -> dict:
@@ -358,7 +334,16 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _parser() -> argparse.ArgumentParser:
+@cli
+def main(argv: Sequence[str] | None = None) -> None:
+    """Measure, print the table, write the JSON report, and log to MLflow with `--mlflow`."""
+    from resnet_lab.files import write_text_atomically
+    from resnet_lab.tracking import open_run
+    from resnet_lab.train import check_output_dir
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # KEY=VALUE anywhere is a Hydra override, so one cannot end up in the list of an option before it.
+    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
     parser = _Parser(
         prog="python -m resnet_lab.bench",
         description="Training throughput of the model zoo, beside keras.applications.ResNet50.",
@@ -378,35 +363,22 @@ def _parser() -> argparse.ArgumentParser:
     add("--pipeline-only", action="store_true", help="time make_dataset alone, without a model")
     add("--output", default="bench.json", help="the JSON report (default: %(default)s)")
     add("--mlflow", action="store_true", help="log to an MLflow run tagged resnet_lab.kind=bench")
-    return parser
-
-
-@cli
-def main(argv: Sequence[str] | None = None) -> None:
-    """Measure, print the table, write the JSON report, and log to MLflow with `--mlflow`."""
-    from resnet_lab.files import write_text_atomically
-    from resnet_lab.tracking import open_run
-    from resnet_lab.train import check_output_dir
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # KEY=VALUE anywhere is a Hydra override, so one cannot end up in the list of an option before it.
-    overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-")]
-    args = _parser().parse_args([arg for arg in argv if arg not in overrides])
-    study = compose(overrides)
+    args = parser.parse_args([arg for arg in argv if arg not in overrides])
+    base = compose(overrides)
     settings = Settings(
-        models=(None,) if args.pipeline_only else tuple(args.models or study.study.models),
-        image_sizes=tuple(args.image_size or [study.data.image_size]),
-        batch_sizes=tuple(args.batch_size or [study.trainer.batch_size]),
+        models=(None,) if args.pipeline_only else tuple(args.models or base.study.models),
+        image_sizes=tuple(args.image_size or [base.data.image_size]),
+        batch_sizes=tuple(args.batch_size or [base.trainer.batch_size]),
         inputs=("pipeline",) if args.pipeline_only else tuple(args.input),
         steps=args.steps,
         warmup_steps=args.warmup_steps,
     )
-    plan = check(settings, overrides)
+    cfgs = check(settings, base, overrides)
     output = Path(args.output)
     check_output_dir(output.parent, "--output directory")
-    opened = open_run(plan.cfgs[None], "bench", "bench") if args.mlflow else contextlib.nullcontext()
+    opened = open_run(base, "bench", "bench") if args.mlflow else contextlib.nullcontext()
     with opened as run:
-        report = bench(settings, plan)
+        report = bench(settings, cfgs, overrides)
         table = render(report)
         print(table)
         output.parent.mkdir(parents=True, exist_ok=True)

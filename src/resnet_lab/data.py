@@ -113,7 +113,8 @@ def dataset_info(cfg: DictConfig) -> dict:
         raise DataError(f"{path} is not a valid dataset description ({type(exc).__name__}: {exc})") from exc
     if not isinstance(info, dict) or info.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} is not a format_version {FORMAT_VERSION} dataset description: rerun prepare")
-    if missing := _missing_fields(info):
+    fields = _FIELDS.split() + [f"splits.{split}.{key}" for split in SPLITS for key in _SPLIT_FIELDS.split()]
+    if missing := [field for field in fields if not _has(info, field.split("."))]:
         raise DataError(f"{path} lacks {', '.join(missing)}: rerun the prepare stage")
     if info["name"] != cfg.data.name:
         raise DataError(
@@ -163,24 +164,17 @@ _FIELDS = "name version class_names image_shape tfds_splits normalization.mean n
 _SPLIT_FIELDS = "source indices indices_sha256 num_examples"
 
 
-def _missing_fields(info: dict) -> list[str]:
-    """The dotted fields of `_FIELDS`, and of `_SPLIT_FIELDS` for every split, that `info` lacks."""
-
-    def has(node, keys: list[str]) -> bool:
-        return not keys or (isinstance(node, dict) and keys[0] in node and has(node[keys[0]], keys[1:]))
-
-    split_fields = [f"splits.{split}.{key}" for split in SPLITS for key in _SPLIT_FIELDS.split()]
-    return [field for field in _FIELDS.split() + split_fields if not has(info, field.split("."))]
+def _has(node, keys: list[str]) -> bool:
+    return not keys or (isinstance(node, dict) and keys[0] in node and _has(node[keys[0]], keys[1:]))
 
 
 def data_spec(cfg: DictConfig) -> DataSpec:
     """Classes, input shape and split sizes of the prepared dataset, for a model and a training loop."""
     info = dataset_info(cfg)
     size = cfg.data.image_size
-    channels = info["image_shape"][-1]
     return DataSpec(
         class_names=tuple(info["class_names"]),
-        input_shape=(size, size, channels),
+        input_shape=(size, size, info["image_shape"][-1]),
         num_examples={split: info["splits"][split]["num_examples"] for split in SPLITS},
     )
 
@@ -220,8 +214,14 @@ def make_dataset(split: str, cfg: DictConfig, training: bool) -> tf.data.Dataset
     # Images stay encoded until the index filter has dropped the other split's examples.
     examples = read_split(builder, entry["source"], decoders={"image": tfds.decode.SkipDecoding()})
     if entry["indices"]:
-        source_size = info["tfds_splits"][entry["source"]]
-        _check_source_size(builder, entry["source"], source_size, cfg.paths.data_dir)
+        source, source_size = entry["source"], info["tfds_splits"][entry["source"]]
+        # Indices only mean something against the TFDS split they were drawn from.
+        if source in builder.info.splits and builder.info.splits[source].num_examples != source_size:
+            raise DataError(
+                f"TFDS split {builder.name}/{source} in {cfg.paths.data_dir} has "
+                f"{builder.info.splits[source].num_examples} examples, but the prepared split indices were "
+                f"drawn from {source_size}: rerun the prepare stage"
+            )
         keep = np.zeros(source_size, dtype=bool)
         keep[_load_indices(prepared_dir(cfg), entry)] = True
         keep = tf.constant(keep)
@@ -310,13 +310,3 @@ def _load_indices(prepared_dir: Path, entry: dict) -> np.ndarray:
             f"split index file {path} holds shape {indices.shape}, not ({entry['num_examples']},)"
         )
     return indices
-
-
-def _check_source_size(builder: tfds.core.DatasetBuilder, split: str, expected: int, data_dir) -> None:
-    """Indices only mean something against the TFDS split they were drawn from."""
-    recorded = builder.info.splits[split].num_examples if split in builder.info.splits else None
-    if recorded is not None and recorded != expected:
-        raise DataError(
-            f"TFDS split {builder.name}/{split} in {data_dir} has {recorded} examples, but the prepared "
-            f"split indices were drawn from {expected}: rerun the prepare stage"
-        )

@@ -11,6 +11,7 @@ the row of its residual twin with the shortcut switched off. Layer names follow 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -219,17 +220,14 @@ def build_model(
         mixed-precision policy.
     """
     arch = get_arch(name)
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
-    stem = stem or arch.layout
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; choose one of {list(STEMS)}")
-    shortcut = shortcut or DEFAULT_SHORTCUT[arch.layout]
-    if shortcut not in SHORTCUTS:
-        raise ValueError(f"unknown shortcut {shortcut!r}; choose one of {list(SHORTCUTS)}")
+    stem, shortcut = stem or arch.layout, shortcut or DEFAULT_SHORTCUT[arch.layout]
     width = BASE_WIDTH[arch.layout] if width is None else width
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive integer, got {width!r}")
+    for key, value in (("num_classes", num_classes), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    for key, value, choices in (("stem", stem, STEMS), ("shortcut", shortcut, SHORTCUTS)):
+        if value not in choices:
+            raise ValueError(f"unknown {key} {value!r}; choose one of {list(choices)}")
     if len(input_shape) != 3 or any(not isinstance(d, int) or d < 1 for d in input_shape):
         raise ValueError(
             f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}"
@@ -290,15 +288,9 @@ def count_params(model: keras.Model) -> int:
 
 def count_macs(model: keras.Model) -> int:
     """Multiply-accumulates for one image through the conv and dense layers (Table 1's FLOPs)."""
-    macs = 0
-    for layer in model.layers:
-        if isinstance(layer, layers.Conv2D):
-            _, out_h, out_w, out_c = layer.output.shape
-            kernel_h, kernel_w, in_c, _ = layer.kernel.shape
-            macs += out_h * out_w * out_c * kernel_h * kernel_w * in_c
-        elif isinstance(layer, layers.Dense):
-            macs += layer.kernel.shape[0] * layer.kernel.shape[1]
-    return int(macs)
+    # Each kernel weight multiplies once per output position: at every pixel of a conv's map, once in a dense.
+    weighted = [layer for layer in model.layers if isinstance(layer, layers.Conv2D | layers.Dense)]
+    return int(sum(math.prod(layer.output.shape[1:-1]) * math.prod(layer.kernel.shape) for layer in weighted))
 
 
 @cli
@@ -308,17 +300,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("name", help=f"one of {', '.join(sorted(ARCHS, key=_name_order))}")
     parser.add_argument("--input-shape", nargs=3, type=int, default=[224, 224, 3], metavar=("H", "W", "C"))
     parser.add_argument("--classes", type=int, default=1000)
-    parser.add_argument("--stem", choices=["imagenet", "cifar"])
-    parser.add_argument("--shortcut", choices=["A", "B"])
+    parser.add_argument("--stem", choices=STEMS)
+    parser.add_argument("--shortcut", choices=SHORTCUTS)
     parser.add_argument("--width", type=int, help="filters of the first stage (default: the layout's own)")
     args = parser.parse_args(argv)
+    shape = tuple(args.input_shape)
     model = build_model(
-        args.name,
-        args.classes,
-        tuple(args.input_shape),
-        stem=args.stem,
-        shortcut=args.shortcut,
-        width=args.width,
+        args.name, args.classes, shape, stem=args.stem, shortcut=args.shortcut, width=args.width
     )
     model.summary(line_length=110)
     arch = get_arch(args.name)

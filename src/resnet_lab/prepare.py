@@ -1,18 +1,13 @@
 """The DVC `prepare` stage: build a TFDS dataset, hold out a validation split, and describe both.
 
-`python -m resnet_lab.prepare [--params params.yaml] [key=value ...]` builds `data.name` into
-`paths.data_dir` with TFDS's own `download_and_prepare`, splits TFDS's `train` split into train and
-validation (stratified by label, drawn with `data.split_seed`), and writes into
-`<paths.prepared_dir>/<data.name>` the index files `<split>_indices.npy` (sorted int64 indices into TFDS's
-`train` split, see `resnet_lab.data`; never copies of the images) and `dataset.json`: per split its TFDS
-`source`, its index file (null for a whole TFDS split) and that file's sha256, its class counts; the
-per-channel `normalization` of the train split's pixels in [0, 1] at the stored resolution; and the size
-and sha256 of every file TFDS wrote (`tfds_files`), so a truncated or altered shard is caught before
-training reads it.
-
+TFDS's own `download_and_prepare` builds `data.name` into `paths.data_dir`. `<paths.prepared_dir>/<data.name>`
+then holds `<split>_indices.npy`, sorted int64 indices into TFDS's `train` split (see `resnet_lab.data`),
+stratified by label and drawn with `data.split_seed`, and `dataset.json`: per split its TFDS `source`, its
+index file (null for a whole TFDS split), that file's sha256 and its class counts; the per-channel
+`normalization` of the train split's pixels in [0, 1] at the stored resolution; the size and sha256 of every
+file TFDS wrote (`tfds_files`), so that a truncated or altered shard is caught before training reads it.
 The test split is TFDS's `test`, else its `validation` (imagenette), else a stratified
-`data.validation_fraction` of `train` held out before the validation split (tf_flowers; then
-`test_indices.npy` too). The directory is built beside its final place and renamed into it, so a
+`data.validation_fraction` of `train`, held out first (tf_flowers). The directory is replaced whole: a
 failure leaves the previous one, or none, never a partial one.
 """
 
@@ -36,7 +31,6 @@ from omegaconf import DictConfig
 from tensorflow_datasets.core.download import resource as tfds_resource
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
-import resnet_lab.datasets  # noqa: F401  registers the package's TFDS builders (digits)
 from resnet_lab.config import stage_config
 from resnet_lab.data import (
     DESCRIPTION_FILE,
@@ -183,7 +177,8 @@ def _download_and_prepare(builder: tfds.core.DatasetBuilder, *, data_dir: Path, 
     download_dir = data_dir / "downloads"
     if not builder.is_prepared():
         pending = _pending_downloads(builder, download_dir=download_dir, manual_dir=manual_dir)
-        failures = _probe({urlparse(url).hostname: url for url in pending})
+        web = {urlparse(url).hostname: url for url in pending if urlparse(url).scheme in ("http", "https")}
+        failures = _probe(web)
         if failures:
             reasons = ", ".join(f"{host} unreachable ({why})" for host, why in failures.items())
             raise DataError(_download_failed(builder, pending, manual_dir, reasons))
@@ -214,8 +209,6 @@ def _probe(url_per_host: dict[str, str]) -> dict[str, str]:
     failures: dict[str, str] = {}
 
     def ask(host: str, url: str) -> None:
-        if urlparse(url).scheme not in ("http", "https"):
-            return
         try:
             requests.head(url, timeout=PROBE_TIMEOUT_S, allow_redirects=False)
         except requests.RequestException as exc:
@@ -271,10 +264,9 @@ def _scan(builder: tfds.core.DatasetBuilder, split: str):
 
 
 def _labels(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
-    only_labels = tfds.decode.PartialDecoding({"label": True})
-    labels = read_split(builder, split, decoders=only_labels).map(lambda example: example["label"])
-    batches = list(labels.batch(SCAN_BATCH).as_numpy_iterator())
-    return np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    examples = read_split(builder, split, decoders=tfds.decode.PartialDecoding({"label": True}))
+    batches = examples.map(lambda example: example["label"]).batch(SCAN_BATCH).as_numpy_iterator()
+    return np.concatenate([np.zeros(0, dtype=np.int64), *batches])
 
 
 def _counts(labels: np.ndarray, class_names: list[str]) -> dict:

@@ -17,16 +17,6 @@ _TEST_FRACTION = 0.2
 _SPLIT_SEED = 0
 
 
-def _official_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The sorted `load_digits` indices of the train and the test split: stratified 80/20 (1,437/360)."""
-    from sklearn.model_selection import train_test_split
-
-    train, test = train_test_split(
-        np.arange(len(labels)), test_size=_TEST_FRACTION, stratify=labels, random_state=_SPLIT_SEED
-    )
-    return np.sort(train), np.sort(test)
-
-
 class Digits(tfds.core.GeneratorBasedBuilder):
     """scikit-learn's 8x8 handwritten digits, ten classes, pixel values scaled from 0..16 to 0..255."""
 
@@ -57,13 +47,18 @@ class Digits(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         images = np.round(digits.images * (255 / _MAX_INK)).astype(np.uint8)[..., np.newaxis]
-        train, test = _official_split(digits.target)
+        # The official split, stratified 80/20: 1,437 train, 360 test.
+        labels = digits.target
+        train, test = train_test_split(
+            np.arange(len(labels)), test_size=_TEST_FRACTION, stratify=labels, random_state=_SPLIT_SEED
+        )
         return {
-            "train": self._generate_examples(images, digits.target, train),
-            "test": self._generate_examples(images, digits.target, test),
+            "train": self._generate_examples(images, labels, train),
+            "test": self._generate_examples(images, labels, test),
         }
 
     def _generate_examples(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray):
