@@ -104,7 +104,7 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
     """
     import keras
 
-    from resnet_lab.models import build_from_config, count_macs, count_params, get_arch
+    from resnet_lab.models import build_from_config, get_arch
 
     validate(cfg)
     work_dir, results_dir = _run_dirs(cfg, output_dir)
@@ -132,24 +132,14 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                 cfg.model, spec.num_classes, spec.input_shape, cfg.optimizer.weight_decay
             )
             compile_model(model, cfg, steps, replicas=replicas)
-        # What the model measures, and what the `auto` settings resolved to on this machine.
-        resolved = {
-            "model.trainable_params": count_params(model),
-            "model.macs_per_image": count_macs(model),
-            "replicas": replicas,
-            "precision_policy": precision,
-            "optimizer.effective_learning_rate": effective_learning_rate(cfg),
-            "jit_compile": bool(model.jit_compile),
-        }
+        resolved = _resolved_params(cfg, model, precision, replicas)
         with opened as run:
             if run is not None:
                 if not run.resumed:
                     run.log_params(resolved)
                     tracking.log_dataset_inputs(run, cfg, ("train", "validation"))
                 write_text_atomically(work_dir / "config.yaml", tracking.masked_yaml(cfg))
-                lines: list[str] = []
-                model.summary(line_length=110, print_fn=lambda line, **_: lines.append(line))
-                write_text_atomically(work_dir / "model_summary.txt", "\n".join(lines))
+                write_text_atomically(work_dir / "model_summary.txt", _summary_text(model))
             on_epoch = tracking.live_sync(work_dir, run.client) if run is not None else None
             started = time.perf_counter()
             history = model.fit(
@@ -163,22 +153,53 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
                 verbose=1 if sys.stdout.isatty() else 2,
             )
             train_time = time.perf_counter() - started
-            losses = history.history.get("loss")
-            if not losses or not all(math.isfinite(v[-1]) for v in history.history.values() if v):
-                raise TrainingDiverged(
-                    f"loss became NaN or infinite at epoch {len(losses or [])}; "
-                    f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate}, "
-                    f"{effective_learning_rate(cfg):g} for the batch)"
-                )
+            _check_finite(cfg, history)
             summary = _save_results(cfg, arch, model, resolved, work_dir, train_time, run, steps)
     if results_dir is not None and is_chief():
-        # The output keeps what `python -m resnet_lab.tracking sync` needs, should MLflow lack any of it.
-        with staged_files(results_dir) as staging:
-            for item in work_dir.iterdir():
-                if item.is_file():
-                    shutil.copy2(item, staging / item.name)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        _publish_results(work_dir, results_dir)
     return {**summary["final"], "mlflow_run_id": summary["mlflow_run_id"]}
+
+
+def _resolved_params(cfg: DictConfig, model, precision: str, replicas: int) -> dict:
+    """What the model measures, and what the `auto` settings resolved to on this machine."""
+    from resnet_lab.models import count_macs, count_params
+
+    return {
+        "model.trainable_params": count_params(model),
+        "model.macs_per_image": count_macs(model),
+        "replicas": replicas,
+        "precision_policy": precision,
+        "optimizer.effective_learning_rate": effective_learning_rate(cfg),
+        "jit_compile": bool(model.jit_compile),
+    }
+
+
+def _summary_text(model) -> str:
+    lines: list[str] = []
+    model.summary(line_length=110, print_fn=lambda line, **_: lines.append(line))
+    return "\n".join(lines)
+
+
+def _check_finite(cfg: DictConfig, history) -> None:
+    losses = history.history.get("loss")
+    if not losses or not all(math.isfinite(v[-1]) for v in history.history.values() if v):
+        raise TrainingDiverged(
+            f"loss became NaN or infinite at epoch {len(losses or [])}; "
+            f"lower optimizer.learning_rate (now {cfg.optimizer.learning_rate}, "
+            f"{effective_learning_rate(cfg):g} for the batch)"
+        )
+
+
+def _publish_results(work_dir: Path, results_dir: Path) -> None:
+    """Move a finished stage's results into its DVC output directory, each file whole, then tidy up.
+
+    The directory keeps what `python -m resnet_lab.tracking sync` needs, should MLflow lack any of it.
+    """
+    with staged_files(results_dir) as staging:
+        for item in work_dir.iterdir():
+            if item.is_file():
+                shutil.copy2(item, staging / item.name)
+    shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _run_dirs(cfg: DictConfig, output_dir) -> tuple[Path, Path | None]:
