@@ -288,6 +288,25 @@ def test_a_two_job_multirun_shares_one_parent_run(digits_root, tmp_path):
     assert sorted(table["run_id"]) == sorted(r.info.run_id for r in children)
 
 
+def test_a_sweep_summary_ranks_by_val_error_when_the_newest_job_has_none(tmp_path):
+    from resnet_lab.tracking import Run, summarize_sweep
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.create_experiment("sweep")
+    parent = client.create_run(experiment, run_name="sweep").info.run_id
+    # search_runs lists the newest first: the failed job, which logged no val_error, heads the rows.
+    for start, name, val_error in ((1, "alpha", 0.3), (2, "beta", 0.1), (3, "gamma", None)):
+        child = client.create_run(
+            experiment, start_time=start, run_name=name, tags={"mlflow.parentRunId": parent}
+        ).info.run_id
+        if val_error is not None:
+            client.log_metric(child, "val_error", val_error)
+    summarize_sweep(Run(client, parent))
+    summary = client.get_run(parent).data
+    assert summary.tags["resnet_lab.best_run_name"] == "beta"
+    assert summary.metrics["best/val_error"] == 0.1
+
+
 def test_an_optuna_learning_rate_search_reports_its_best_trial(digits_root, tmp_path):
     result = run_cli(
         ["resnet_lab.train", "--multirun", "hparams_search=learning_rate", "hydra.sweeper.n_trials=2",

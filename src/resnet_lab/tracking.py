@@ -690,7 +690,8 @@ def summarize_sweep(parent: Run) -> None:
     ]
     if not rows:
         return
-    table = pd.DataFrame(rows).sort_values(SWEEP_METRIC if SWEEP_METRIC in rows[0] else "run_name")
+    table = pd.DataFrame(rows)
+    table = table.sort_values(SWEEP_METRIC if SWEEP_METRIC in table else "run_name")
     parent.log_text(table.to_csv(index=False), "sweep_summary.csv")
     scored = table.dropna(subset=[SWEEP_METRIC]) if SWEEP_METRIC in table else table.iloc[:0]
     parent.log_metrics({f"{SWEEP_METRIC}/{row.job}": row[SWEEP_METRIC] for _, row in scored.iterrows()})
