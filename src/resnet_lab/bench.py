@@ -293,15 +293,17 @@ _COLUMNS = (
 
 def render(report: dict) -> str:
     """The report as a Markdown table, and a line on the machine and the matmul ceiling."""
-    rows = [[header for header, _ in _COLUMNS], ["---"] * 5 + ["---:"] * (len(_COLUMNS) - 5)]
-    rows += [[cell(record) for _, cell in _COLUMNS] for record in report["cases"]]
+    from resnet_lab.report import markdown_table
+
+    rows = [[cell(record) for _, cell in _COLUMNS] for record in report["cases"]]
+    table = markdown_table([header for header, _ in _COLUMNS], rows, "l" * 5 + "r" * (len(_COLUMNS) - 5))
     machine, ceiling, settings = report["machine"], report["matmul_ceiling"], report["settings"]
     device = ", ".join(machine["gpus"]) or f"{machine['cpu']} ({machine['cpu_cores']} cores)"
     if machine["replicas"] > 1:
         device += f", {machine['replicas']} replicas ({machine['strategy']})"
     return "\n".join(
         [
-            *("| " + " | ".join(row) + " |" for row in rows),
+            table,
             "",
             f"{device}; TensorFlow {machine['tensorflow']}, Keras {machine['keras']}, {report['precision']}; "
             f"median of {settings['steps']} steps after {settings['warmup_steps']} warm-up; "

@@ -59,7 +59,7 @@ def _points(fraction: float) -> str:
     return f"{100 * fraction:+.2f}"
 
 
-def _markdown_table(headings: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
+def markdown_table(headings: Sequence[str], rows: Iterable[Sequence[str]], align: str) -> str:
     """A Markdown table; `align` has an "l" (left) or "r" (right) per column."""
     separator = "|" + "".join("---:|" if side == "r" else "---|" for side in align)
     lines = ["| " + " | ".join(cells) + " |" for cells in (headings, *rows)]
@@ -535,7 +535,7 @@ def render_seeds(errors: Mapping[str, Mapping[int, float]]) -> str:
         [model, *(_pct(per_seed[seed]) if seed in per_seed else "—" for seed in seeds)]
         for model, per_seed in errors.items()
     ]
-    return _markdown_table(["Model", *(f"seed {seed}" for seed in seeds)], rows, "l" + "r" * len(seeds))
+    return markdown_table(["Model", *(f"seed {seed}" for seed in seeds)], rows, "l" + "r" * len(seeds))
 
 
 def plot_confusion_matrix(
@@ -693,7 +693,7 @@ def render_table(table: pd.DataFrame, slopes: Mapping[str, Mapping] | None = Non
         cells += [_mean_std(row, "epochs", ".0f"), _mean_std(row, "train_time_s", ".1f")]
         cells.append(_mean_std(row, "images_per_sec", ".0f"))
         rows.append(cells)
-    return _markdown_table(headings, rows, "l" + "r" * (len(headings) - 1))
+    return markdown_table(headings, rows, "l" + "r" * (len(headings) - 1))
 
 
 def render_comparisons(result: Mapping) -> str:
@@ -714,7 +714,7 @@ def render_comparisons(result: Mapping) -> str:
             tested = [_points(c["difference"]), ci95, _points(c["bound"]), f"{c['p_value']:.3g}"]
         h1 = f"{test.name}, H1: {alternatives[c['hypothesis']]}"
         rows.append([f"{c['key']}: {c['claim']}", h1, means, *tested, f"**{c['outcome']}**"])
-    return _markdown_table(headings, rows, "llrrrrrl")
+    return markdown_table(headings, rows, "llrrrrrl")
 
 
 def render_design(design: Mapping) -> str:
