@@ -43,9 +43,8 @@ def _git(*args: str) -> str | None:
 def tracking_uri(cfg: DictConfig) -> str:
     """`$MLFLOW_TRACKING_URI`, else `tracking.uri`, else SQLite at the repository root (absolute).
 
-    DVC's temporary experiment copies (`dvc exp run --temp`, queued experiments) run in
-    `<repo>/.dvc/tmp/exps/<...>`; their runs must land in the store of `<repo>`, not of the copy, which
-    DVC deletes.
+    DVC's temporary experiment copies (`dvc exp run --temp`, queued experiments) in `<repo>/.dvc/tmp/exps/`
+    log to the store of `<repo>`, not of the copy, which DVC deletes.
     """
     if env := os.environ.get("MLFLOW_TRACKING_URI"):
         return env
@@ -109,10 +108,9 @@ HOST_TAG = "resnet_lab.host"
 PID_TAG = "resnet_lab.pid"
 FAILURE_TAG = "resnet_lab.failure"
 OUTAGE_TAG = "resnet_lab.tracking_outage"
-# MLflow retries a refused connection for about four minutes (7 retries, backoff factor 2): once per
-# epoch, that would stall training for as long as the server is away. Two quick retries ride out a
-# restart; what they could not send stays in the run directory for a later sync. Values set in the
-# environment win.
+# MLflow retries a refused connection for about four minutes (7 retries, backoff factor 2): each epoch
+# and the run's end would stall for as long as the server is away. Two quick retries ride out a restart;
+# what they could not send stays in the run directory for a later sync. The environment's values win.
 _QUICK_RETRIES = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -165,8 +163,7 @@ def check_reachable(uri: str) -> None:
     """Fail before training, with the URI in the message, when the tracking store cannot be reached.
 
     Raises:
-        ConfigError: an HTTP server that does not answer its health check, or a SQLite file in a
-            directory that does not exist.
+        ConfigError: an HTTP server fails its health check, or a SQLite file's directory does not exist.
     """
     if failure := _health_failure(uri, timeout_s=5.0):
         raise ConfigError(f"cannot reach the MLflow tracking server at {mask_password(uri)}: {failure}")
@@ -252,8 +249,7 @@ def open_run(
     The run is tagged `resnet_lab.kind`, the host and process, the git commit and any Hydra sweep. It ends
     FINISHED when the block completes, KILLED on Ctrl-C or SIGTERM (which the entry points raise as
     KeyboardInterrupt), FAILED with the reason in the `resnet_lab.failure` tag on any other exception:
-    never left RUNNING. Runs of the same kind that a kill -9 on this machine left RUNNING are ended KILLED
-    when the next one opens.
+    never left RUNNING. Runs of its kind that a kill -9 on this machine left RUNNING end KILLED as it opens.
 
     Args:
         cfg: the configuration (`tracking`).
@@ -265,15 +261,13 @@ def open_run(
             run RUNNING until `python -m resnet_lab.tracking sync DIR`.
         params: log `cfg`'s resolved values as parameters (a new run only).
         system_metrics: sample MLflow's system metrics every `tracking.system_metrics_interval_s`
-            while the run is open (a resumed run continues their steps).
+            (a resumed run continues their steps).
 
     Yields:
         The `Run` (`resumed` when it continues the one recorded in `record_dir`); None with `tracking=off`.
     """
     record_dir = Path(record_dir) if record_dir is not None else None
-    # Every request of a training run retries briefly, the system-metrics thread's too: its directory
-    # keeps what an outage holds back, and a request that waited out MLflow's own retries (about four
-    # minutes) would hold the run's end that long.
+    # Every request of a training run retries briefly (_QUICK_RETRIES), the system-metrics thread's too.
     with _quick_retries() if record_dir is not None else contextlib.nullcontext():
         if not cfg.tracking.get("enabled", True):
             yield None  # tracking=off
@@ -365,9 +359,8 @@ def _end_recorded(run: Run, end: dict, record_dir: Path) -> None:
 def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict:
     """Log the prepared splits the run saw as MLflow dataset inputs, so the UI's Datasets column shows them.
 
-    Each is named `<dataset>-<split>`, with context the split; its source is the TFDS name and version and
-    the split's index file (none for a whole TFDS split), its digest one of `dataset.json`'s TFDS file
-    checksums and the index file's: runs on different data cannot share a digest.
+    Each digest hashes `dataset.json`'s TFDS file checksums and the split's index file (none for a whole
+    TFDS split), so runs on different data cannot share one.
 
     Returns:
         split -> the `mlflow.entities.Dataset` logged.
@@ -403,9 +396,8 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
             run.client.log_inputs(run.run_id, datasets=inputs)
             break
         except MlflowException as exc:
-            # MLflow's SQL store looks a dataset up and then inserts it; two runs of a sweep logging
-            # the same new dataset at once can both miss it, and the later insert fails (IntegrityError).
-            # Its retry finds the row the other run wrote.
+            # MLflow's SQL store looks a dataset up, then inserts it: two sweep runs logging the same new one
+            # at once both miss it and the later insert fails (IntegrityError); a retry finds the other's row.
             if attempt == 2 or "IntegrityError" not in exc.message:
                 raise
             log.info("MLflow run %s: another run logged the same dataset at once; logging again", run.run_id)
@@ -415,9 +407,8 @@ def log_dataset_inputs(run: Run, cfg: DictConfig, splits: Sequence[str]) -> dict
 def register_champion(run: Run, cfg: DictConfig, members: Sequence[dict], answer: str) -> str | None:
     """Register the study's best residual net in the model registry and point the alias `champion` at it.
 
-    The best is the residual member with the lowest test error. Its logged model becomes a version of
-    `resnet-lab-<dataset>`, tagged with the study run, the verdict and the git commit; a rerun of the
-    same study finds that version again instead of adding one.
+    The one with the lowest test error becomes a version of `resnet-lab-<dataset>`, tagged with the study
+    run, the verdict and the git commit; a rerun of the same study finds that version instead of adding one.
 
     Args:
         run: the study run.
@@ -472,10 +463,9 @@ def _end(client, run_id: str, end: dict) -> None:
 
 
 def _end_orphaned_runs(client, experiment: str, kind: str) -> None:
-    """End KILLED the runs of `kind` that a kill -9 on this machine left RUNNING.
+    """End KILLED the runs of `kind` that a kill -9 on this machine left RUNNING: their process is gone.
 
-    A run counts as orphaned when its process, named in its tags, is gone; a run of a process still
-    working (a parallel sweep job, another `dvc queue` worker) is left alone.
+    Runs of a live process (a parallel sweep job, another `dvc queue` worker) are left alone.
     """
     import psutil
 
@@ -493,10 +483,9 @@ def _end_orphaned_runs(client, experiment: str, kind: str) -> None:
 def sync(record_dir: str | os.PathLike, client, *, live: bool = False) -> int:
     """Bring a training run in MLflow up to date with its run directory; idempotent.
 
-    The directory is the durable record: `history.csv` (written atomically every epoch), and at the end
-    the artifacts, `model.keras` and `status.json`. Epochs the run lacks are logged at their step; once
-    the run has ended, the artifacts, the model (once) and the end follow. Whatever a tracking outage
-    held back arrives with the next sync, and the run is tagged with the outage.
+    The directory holds `history.csv` (written atomically every epoch), and at the end the artifacts,
+    `model.keras` and `status.json`. Epochs the run lacks are logged at their step; once the run has ended,
+    the artifacts, the model (once) and the end follow. Anything sent late tags the run with the outage.
 
     Args:
         record_dir: a training run's directory (it holds `mlflow_run.json`).
@@ -550,8 +539,7 @@ def sync(record_dir: str | os.PathLike, client, *, live: bool = False) -> int:
 def live_sync(record_dir: Path, client):
     """What a training run calls after each epoch: `sync`, riding out a tracking server that is away.
 
-    While the server is away, training goes on: one warning, then a cheap health probe per epoch until
-    it answers, when the next sync sends everything it missed.
+    While it is away: one warning, then a cheap health probe per epoch until it answers and sync resumes.
     """
     away = False
 
