@@ -8,8 +8,7 @@ claims registered in `study.claims`, and writes to `<paths.reports_dir>/`: `degr
 ran, the verdict, the claims with their tests, the table, the figures), `learning_curves.png`,
 `final_errors.png`, `verdict.json` (flat numbers and booleans for `dvc metrics`), `curves.csv` (long
 learning curves) and `curves_by_model.csv` (seed means, one column per model and curve, for stock `dvc plots`
-templates). The files and the verdict's numbers are also logged to an MLflow study run (`study-<data.name>`,
-tag `resnet_lab.kind=study`).
+templates), all also logged, with the verdict's numbers, to the MLflow study run `study-<data.name>`.
 """
 
 from __future__ import annotations
@@ -55,10 +54,7 @@ def _claims(cfg: DictConfig) -> list[dict]:
 
 
 def load_members(cfg: DictConfig) -> list[dict]:
-    """Read every study member's training summary, learning curves and evaluation.
-
-    Args:
-        cfg: the composed configuration (`study`, `paths`).
+    """Read the training summary, learning curves and evaluation of every member of `cfg`'s study.
 
     Returns:
         One dict per member, models outer and seeds inner: `model`, `seed`, `member` (its name),
@@ -174,10 +170,7 @@ def write_report(cfg: DictConfig, members: Sequence[dict]) -> tuple[dict, pd.Dat
 
 
 def compare(cfg: DictConfig) -> dict:
-    """Write the degradation report for the study and record it as an MLflow study run.
-
-    Args:
-        cfg: the composed configuration (`study`, `paths`, `data.name`, `tracking`).
+    """Write the degradation report for `cfg`'s study and record it as an MLflow study run.
 
     Returns:
         The verdict (see `resnet_lab.report.verdict`) with the study run's id under `mlflow_run_id`.

@@ -42,8 +42,7 @@ def evaluate_model(model, dataset: Iterable, class_names: Sequence[str], *, prog
     """Test metrics of a classifier over a batched dataset, in one pass with Keras's progress bar.
 
     Args:
-        model: a Keras classifier whose outputs have one column per class: probabilities when its last
-            layer is a softmax, logits otherwise.
+        model: a Keras classifier with one output per class, probabilities after a final softmax, else logits.
         dataset: batches of (images, labels), labels as class indices (or one-hot); e.g. a `tf.data.Dataset`.
         class_names: the name of each class, in label order.
         progress: show Keras's progress bar.
@@ -54,8 +53,7 @@ def evaluate_model(model, dataset: Iterable, class_names: Sequence[str], *, prog
         `confusion_matrix` (counts, `[actual][predicted]`) and `class_names`.
 
     Raises:
-        ValueError: the outputs' width does not match `class_names`, a label is out of range, or the
-            dataset is empty.
+        ValueError: outputs that are not one column per class, a label out of range, or an empty dataset.
     """
     import keras
 
@@ -114,8 +112,7 @@ def evaluate_model(model, dataset: Iterable, class_names: Sequence[str], *, prog
 def confusion_records(confusion_matrix: Sequence[Sequence[int]], class_names: Sequence[str]) -> list[dict]:
     """Expand a confusion matrix into one {"actual": name, "predicted": name} record per example.
 
-    DVC's `confusion` template counts the records itself (`dvc.yaml`: `template: confusion, x: actual,
-    y: predicted`).
+    DVC's `confusion` template (`dvc.yaml`: `x: actual, y: predicted`) counts the records itself.
     """
     return [
         {"actual": str(class_names[actual]), "predicted": str(class_names[predicted])}
@@ -253,8 +250,7 @@ def study_members(cfg: DictConfig) -> list[DictConfig]:
 def evaluate_study(cfg: DictConfig) -> dict[str, dict]:
     """`evaluate` every study member in this one process (TensorFlow starts once, not once a member).
 
-    The configuration is validated, and every member checked to be trained, before any is evaluated, so
-    bad input or a missing member costs one line.
+    Bad input or an untrained member fails in one line, before any member is evaluated.
 
     Returns:
         member name -> what `evaluate` returned.
