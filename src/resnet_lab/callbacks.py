@@ -18,10 +18,7 @@ HISTORY_COLUMNS = (
 
 
 class EpochMetrics(keras.callbacks.Callback):
-    """Add error (1 - accuracy), the learning rate, epoch time and training images per second to the logs.
-
-    Images per second count the training part of the epoch only, not validation.
-    """
+    """Add error (1 - accuracy), the learning rate, epoch time and images/s (training only) to the logs."""
 
     def __init__(self, train_images_per_epoch: int):
         super().__init__()
@@ -53,9 +50,8 @@ class EpochMetrics(keras.callbacks.Callback):
 class HistoryLogger(keras.callbacks.Callback):
     """Write each epoch to `history.csv` (atomically, the run's durable record), then call `on_epoch`.
 
-    `on_epoch` is the run's MLflow sync (`resnet_lab.tracking.live_sync`). Resumable: rows of epochs that a
-    resumed run repeats are dropped, so the history has each epoch once. Columns beyond HISTORY_COLUMNS
-    (the gradient norms) stay empty in epochs that do not measure them.
+    `on_epoch` is the run's MLflow sync (`resnet_lab.tracking.live_sync`). A resumed run drops the rows of
+    the epochs it repeats; the gradient norms' columns stay empty in epochs that do not measure them.
     """
 
     def __init__(self, history_csv: Path, on_epoch=None):

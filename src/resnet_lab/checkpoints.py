@@ -1,12 +1,11 @@
 """Checkpoints that are whole or absent: Keras's `BackupAndRestore`, written by rename.
 
 Keras's callback overwrites `latest.weights.h5` and `training_metadata.json` in place, so a kill during the
-write leaves a file that cannot be read and metadata that still names it. Here every epoch's weights and
-optimizer state go to a new file, `epoch-<N>.weights.h5`, under a temporary name that is renamed when the
-file is complete; `training_metadata.json`, which names that file, is renamed into place after it. The
-previous checkpoint stays until the next one is whole. A checkpoint that cannot be read anyway (a damaged
-disk, a file system without atomic rename) costs one warning: training resumes from the newest one that
-reads, or starts afresh.
+write leaves a file that cannot be read and metadata that still names it. Here each epoch's weights and
+optimizer state go to a new `epoch-<N>.weights.h5` under a temporary name, renamed when complete, and then
+the `training_metadata.json` naming it is renamed into place; the previous checkpoint stays until the next
+one is whole. A checkpoint that cannot be read anyway (a damaged disk, a file system without atomic rename)
+costs one warning: training resumes from the newest one that reads, or starts afresh.
 """
 
 from __future__ import annotations

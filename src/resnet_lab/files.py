@@ -26,11 +26,8 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
 def staged_files(target_dir: str | os.PathLike) -> Iterator[Path]:
     """Write files into a temporary directory; on success each one replaces its namesake in `target_dir`.
 
-    A crash or an exception leaves `target_dir` as it was, and a reader never sees a half-written file:
-    the staging directory sits beside `target_dir`, on the same file system, so each move is one rename.
-
-    Args:
-        target_dir: where the files belong; created if missing.
+    A crash or an exception leaves `target_dir` as it was; success creates it if missing. The staging
+    directory sits beside it, on the same file system, so each move is one rename.
 
     Yields:
         The staging directory, to fill with plain files.

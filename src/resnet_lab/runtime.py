@@ -65,9 +65,8 @@ def resolve_jit_compile(setting, replicas: int) -> bool:
 def resolve_precision(setting: str, gpu_capabilities: Sequence[tuple[int, int] | None] | None = None) -> str:
     """`trainer.precision`: a Keras dtype policy, or auto = mixed_float16 where every GPU has Tensor Cores.
 
-    Auto follows Keras's mixed-precision guide: float16 compute with dynamic loss scaling (which
-    `model.compile` adds) on NVIDIA GPUs of compute capability 7.0 or newer, float32 everywhere else. On a
-    CPU, float16 is emulated and bfloat16 pays only with AVX512_BF16 or AMX, so a CPU stays in float32.
+    Auto follows Keras's mixed-precision guide (float16 compute, dynamic loss scaling from `model.compile`);
+    without Tensor Cores, float32: a CPU emulates float16, and bfloat16 pays only with AVX512_BF16 or AMX.
 
     Args:
         setting: "float32", "mixed_float16", "mixed_bfloat16" or "auto".

@@ -56,15 +56,13 @@ class ConstantWarmup(LinearWarmup):
 
 
 def make_schedule(schedule: DictConfig, learning_rate: float, steps_per_epoch: int, epochs: int):
-    """A Keras learning-rate schedule over the whole run.
+    """A Keras learning-rate schedule over the run: `epochs` epochs of `steps_per_epoch` optimizer steps.
 
     Args:
         schedule: the `schedule` node, validated: `name` (step | cosine | constant) and the warm-up.
             step: multiply by `factor` at each of `milestones` (fractions of training; the paper divides
             by 10 at 50% and 75%, He et al. 2015, Sec. 4.2). cosine: decay to `alpha` x the initial rate.
         learning_rate: the peak rate, for the global batch.
-        steps_per_epoch: optimizer steps in one epoch.
-        epochs: epochs in the run.
 
     Returns:
         A `keras.optimizers.schedules.LearningRateSchedule`, or a float for an unwarmed constant rate.
