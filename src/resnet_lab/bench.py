@@ -79,11 +79,9 @@ class Settings:
 def check(settings: Settings, base: DictConfig, overrides: Sequence[str] = ()) -> dict:
     """Reject settings that cannot run, before any measurement, with one line naming the bad value.
 
-    Args:
-        base: the configuration composed with `overrides`, which every model of `settings` is composed with.
-
     Returns:
-        The configuration of each model of `settings`: `base` for None and `KERAS_REFERENCE`.
+        Each model of `settings` -> its configuration, composed with `overrides` as `base` was (`base` itself
+        for None and `KERAS_REFERENCE`).
 
     Raises:
         ConfigError: a bad setting, Hydra override or configuration value.

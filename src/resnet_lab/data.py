@@ -91,11 +91,8 @@ def prepared_dir(cfg: DictConfig) -> Path:
 def dataset_info(cfg: DictConfig) -> dict:
     """Read `prepared_dir(cfg)/dataset.json` and verify the split index files and TFDS's files.
 
-    Args:
-        cfg: the composed configuration (`paths.prepared_dir`, `data.name`).
-
     Returns:
-        The description the prepare stage wrote (see `resnet_lab.prepare.prepare`).
+        The description the prepare stage wrote (its format: `resnet_lab.prepare`).
 
     Raises:
         DataError: the file is missing, unreadable, for another dataset, or an index file or a TFDS file
@@ -182,18 +179,16 @@ def data_spec(cfg: DictConfig) -> DataSpec:
 def make_dataset(split: str, cfg: DictConfig, training: bool) -> tf.data.Dataset:
     """Batches of (image, label) for one split: normalised float32 images of `data.image_size`.
 
-    Decoding and resizing are cached when `data.cache`; training shuffles with the run's `seed`, then
-    pads by `data.pad_crop` pixels (of the resized image) and crops back at random, flips at random when
-    `data.horizontal_flip`, and drops the last partial batch. The same seed gives the same batches.
+    Decoding and resizing are cached when `data.cache`. The same seed gives the same batches.
 
     Args:
-        split: "train", "validation" or "test".
+        split: one of `SPLITS`.
         cfg: the configuration, validated (`data`, `paths`, `seed`, `trainer.batch_size`, the global batch).
-        training: shuffle and augment.
+        training: shuffle with the run's `seed`, pad by `data.pad_crop` pixels (of the resized image) and
+            crop back at random, flip at random when `data.horizontal_flip`, drop the last partial batch.
 
     Returns:
-        A prefetching dataset of `trainer.batch_size` batches: images (batch, H, W, C) float32, labels
-        (batch,) int64.
+        A prefetching dataset of batches: images (batch, H, W, C) float32, labels (batch,) int64.
 
     Raises:
         ConfigError: an unknown split.

@@ -207,17 +207,15 @@ def build_model(
         stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "cifar" (one 3x3/1 conv, for small images);
             None takes the layout's own.
         shortcut: where the shape changes, "A" (subsample and zero-pad channels) or "B" (1x1 conv + BN
-            projection); None takes the layout's own (B for ImageNet, A for CIFAR). Plain nets have none.
+            projection); None takes `DEFAULT_SHORTCUT`. Plain nets have none.
         zero_init_residual: start the last BN of each residual unit at gamma 0, so it starts as the identity.
         bn_momentum: Keras's BatchNormalization momentum (0.9 is PyTorch's 0.1).
         weight_decay: on conv and dense kernels, as an L2 penalty of weight_decay / 2, whose gradient is the
             paper's weight_decay * w.
-        width: filters of the first stage (and the stem), doubled at every later stage; None takes the
-            layout's own (64 for ImageNet, 16 for CIFAR). Only channel counts change, not the structure.
+        width: filters of the stem and first stage, doubled at each later stage (None: `BASE_WIDTH`).
 
     Returns:
-        An uncompiled `keras.Model` named `name` that outputs class probabilities in float32, also under a
-        mixed-precision policy.
+        An uncompiled `keras.Model` named `name`; its class probabilities are float32 even in mixed precision.
     """
     arch = get_arch(name)
     stem, shortcut = stem or arch.layout, shortcut or DEFAULT_SHORTCUT[arch.layout]

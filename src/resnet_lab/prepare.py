@@ -5,10 +5,9 @@ then holds `<split>_indices.npy`, sorted int64 indices into TFDS's `train` split
 stratified by label and drawn with `data.split_seed`, and `dataset.json`: per split its TFDS `source`, its
 index file (null for a whole TFDS split), that file's sha256 and its class counts; the per-channel
 `normalization` of the train split's pixels in [0, 1] at the stored resolution; the size and sha256 of every
-file TFDS wrote (`tfds_files`), so that a truncated or altered shard is caught before training reads it.
-The test split is TFDS's `test`, else its `validation` (imagenette), else a stratified
-`data.validation_fraction` of `train`, held out first (tf_flowers). The directory is replaced whole: a
-failure leaves the previous one, or none, never a partial one.
+file TFDS wrote (`tfds_files`), to catch a truncated or altered shard before training reads it. The test split
+is TFDS's `test`, else its `validation` (imagenette), else a stratified `data.validation_fraction` of `train`,
+held out first (tf_flowers). A failure leaves the previous directory, or none, never a partial one.
 """
 
 from __future__ import annotations
@@ -52,10 +51,7 @@ SCAN_BATCH = 1024
 
 
 def prepare(cfg: DictConfig) -> dict:
-    """Build `data.name` with TFDS, split its train split, and write `paths.prepared_dir`.
-
-    Args:
-        cfg: the composed configuration (`data`, `paths`).
+    """Build `cfg.data.name` with TFDS, split its train split, and write `prepared_dir(cfg)`.
 
     Returns:
         The description written to `dataset.json` (see the module docstring).
@@ -63,7 +59,7 @@ def prepare(cfg: DictConfig) -> dict:
     Raises:
         ConfigError: a configuration `resnet_lab.schema.validate` refuses, or a dataset without image and
             label features; checked before any work.
-        DataError: the download failed, or the data cannot be split.
+        DataError: the download failed, or the data cannot be split or has a constant channel.
     """
     validate(cfg)
     name, fraction, seed = cfg.data.name, cfg.data.validation_fraction, cfg.data.split_seed

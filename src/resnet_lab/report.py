@@ -200,24 +200,19 @@ def decide_claim(
 ) -> dict:
     """One pre-registered claim, decided by a one-sided test over seeds.
 
-    With d the difference subject - reference (`welch`: of the means; `rank`: the Hodges-Lehmann shift,
-    the median of the pairwise differences):
+    d is subject - reference (`welch`: of the means; `rank`: the Hodges-Lehmann shift, the median of the
+    pairwise differences; that test needs no normal errors and no equal spreads). One-sided bounds are at
+    level 1 - alpha; the reported interval is the two-sided 95% one.
 
-    - greater: H1 d > 0. Shown when p < alpha (the lower one-sided bound is above 0); contradicted when
-      the upper one-sided bound is below 0 (the subject is significantly lower).
-    - less: H1 d < 0. Shown when p < alpha (the upper bound is below 0); contradicted when the lower
-      bound is above 0.
-    - non_inferior: H1 d < margin. Shown when p < alpha (the upper one-sided bound is below the margin);
-      contradicted when the lower bound is above it (significantly worse by more than the margin).
-
-    One-sided bounds are at level 1 - alpha; the reported interval is the two-sided 95% one. The rank
-    test needs no normal errors and no equal spreads.
+    - greater, H1 d > 0: shown when p < alpha (lower bound above 0); contradicted when upper bound below 0.
+    - less, H1 d < 0: shown when p < alpha (upper bound below 0); contradicted when lower bound above 0.
+    - non_inferior, H1 d < margin: shown when p < alpha (upper bound below the margin); contradicted when
+      lower bound above it (significantly worse by more than the margin).
 
     Args:
         claim: `key`, `subject`, `reference`, `hypothesis` (an entry of `study.claims`).
         errors: model name -> final training error (a fraction) of each seed.
-        alpha: the study's significance level.
-        margin: the non-inferiority margin (a fraction).
+        alpha, margin: the study's significance level and non-inferiority margin (a fraction).
         test: a key of TESTS (`study.test`).
 
     Returns:
@@ -284,20 +279,19 @@ def verdict(
 ) -> dict:
     """Does the study show the degradation problem, and that skip connections prevent it?
 
-    Each claim of the study is tested by `decide_claim`. The answer is "yes" only when every claim is
-    shown (an intersection-union test: the chance of a false Yes stays at most alpha without a correction
-    for the number of claims), "no" when a claim is contradicted with significance, and "inconclusive"
-    otherwise, naming the claims that were not shown.
+    The answer is "yes" only when every claim is shown (an intersection-union test: the chance of a false
+    Yes stays at most alpha without a correction for the number of claims), "no" when a claim is
+    contradicted with significance, and "inconclusive" otherwise, naming the claims not shown.
 
     Args:
-        final_train_errors: model name -> final training error (a fraction) of each seed.
-        claims: the study's claims (`study.claims`).
+        final_train_errors: as `errors` of `decide_claim`.
+        claims: `study.claims`.
         alpha, margin, test: as for `decide_claim`.
 
     Returns:
-        A JSON-able dict: `answer` ("yes", "no" or "inconclusive"), a one-paragraph `text`, `alpha`,
-        `margin`, `comparisons` (one `decide_claim` result per claim), flat `<key>_difference`,
-        `<key>_p_value` and `<key>_shown` for `dvc metrics`, and `final_train_error_mean` per model.
+        A JSON-able dict: `answer`, a one-paragraph `text`, `alpha`, `margin`, `test`, `comparisons` (a
+        `decide_claim` result per claim), flat `<key>_difference`, `<key>_p_value` and `<key>_shown` for
+        `dvc metrics`, and `final_train_error_mean` per model.
     """
     comparisons = [
         decide_claim(claim, final_train_errors, alpha=alpha, margin=margin, test=test) for claim in claims
@@ -332,22 +326,19 @@ def convergence(
 ) -> dict[str, dict]:
     """Whether each model's training error had flattened by the end, and how fast it fell.
 
-    The slope is a least-squares line through the mean over seeds of the training error of the last
-    `window` epochs, in error (a fraction) per epoch. Under a step schedule those epochs run at the
-    smallest rate, so a flat end says little about a longer budget; how many epochs a net took to reach
-    `threshold` says how fast it trains (He et al. 2015, Sec. 4.1: deep plain nets "may have
-    exponentially low convergence rates").
+    Under a step schedule the last epochs run at the smallest rate, so a flat end says little about a
+    longer budget; the epochs a net took to reach `threshold` say how fast it trains (He et al. 2015,
+    Sec. 4.1: deep plain nets "may have exponentially low convergence rates").
 
     Args:
         curves: the long table of `curves_frame`.
-        window: epochs at the end to fit.
+        window: the last epochs, whose mean training error over seeds the slope fits by least squares.
         max_decrease: a model whose error still falls faster than this per epoch had not converged.
-        threshold: a training error (a fraction).
+        threshold: a training error.
 
     Returns:
-        model -> {"slope": per epoch, "epochs": fitted, "converged": bool, "threshold": `threshold`,
-        "epochs_to_threshold": per seed, the first epoch whose training error was below `threshold`,
-        None for a seed that never got there}.
+        model -> {"slope": per epoch, "epochs": fitted, "converged": bool, "threshold", "epochs_to_threshold":
+        seed -> the first epoch whose training error was below `threshold`, or None}; errors are fractions.
     """
     result = {}
     for model, rows in curves.groupby("model", sort=False):
@@ -389,8 +380,7 @@ def curves_frame(histories: Mapping[tuple[str, int], pd.DataFrame]) -> pd.DataFr
     """Stack the members' `history.csv` tables into one long table of learning curves.
 
     Args:
-        histories: (model name, seed) -> that member's history, with at least the columns `epoch`,
-            `error` and `val_error`.
+        histories: (model name, seed) -> that member's history, with at least `epoch`, `error`, `val_error`.
 
     Returns:
         Columns `model`, `seed`, `epoch`, `train_error`, `val_error` (fractions), in the order given.
@@ -442,14 +432,12 @@ def model_colors(models: Sequence[str]) -> dict[str, tuple]:
 def plot_learning_curves(curves: pd.DataFrame, path: str | os.PathLike, *, title: str = "") -> Path:
     """Training and validation error against epoch for every model, drawn like Fig. 4 of the paper.
 
-    Plain nets on the left, residual nets on the right, on a shared error axis; thin lines are training
-    error, bold lines validation error, one colour per model. Several seeds are drawn as their mean with
-    a faint min-max band around the training error.
+    Plain nets left, residual nets right, on a shared error axis; thin lines training error, bold lines
+    validation error, a colour per model; several seeds as their mean, a faint min-max band on training error.
 
     Args:
         curves: the long table of `curves_frame`.
-        path: the PNG to write.
-        title: the figure's title.
+        path, title: the PNG to write and the figure's title.
 
     Returns:
         `path`.
@@ -500,8 +488,7 @@ def plot_final_errors(
 
     Args:
         errors: model -> seed -> final clean training error (a fraction), models in the study's order.
-        path: the PNG to write.
-        title: the figure's title.
+        path, title: the PNG to write and the figure's title.
 
     Returns:
         `path`.
@@ -541,16 +528,14 @@ def render_seeds(errors: Mapping[str, Mapping[int, float]]) -> str:
 def plot_confusion_matrix(
     matrix: Sequence[Sequence[int]], class_names: Sequence[str], path: str | os.PathLike, *, title: str = ""
 ) -> Path:
-    """A confusion-matrix heatmap: rows are the actual class, columns the predicted one.
+    """A confusion-matrix heatmap, coloured by the fraction of the actual class, so rare classes stay visible.
 
-    Colour is the fraction of the actual class (so rare classes stay visible); each cell is annotated with
-    its count when there are few enough classes to read them.
+    Each cell shows its count when there are few enough classes to read them.
 
     Args:
-        matrix: counts, `matrix[actual][predicted]`.
+        matrix: counts, `matrix[actual][predicted]`: rows are the actual class, columns the predicted one.
         class_names: a name per row and column.
-        path: the PNG to write.
-        title: the figure's title.
+        path, title: the PNG to write and the figure's title.
 
     Returns:
         `path`.
@@ -591,12 +576,11 @@ def member_record(summary: Mapping, evaluation: Mapping | None = None) -> dict:
 
     Args:
         summary: what training wrote to `summary.json`.
-        evaluation: what the evaluate stage wrote for the member (`train_error` from a clean pass over the
-            training split, `test_error`), if any.
+        evaluation: the evaluate stage's `test_error` and `train_error`, a clean pass over the training split.
 
     Returns:
-        The row: `train_error` is the clean pass (NaN without `evaluation`), `running_train_error` the
-        last epoch's running average under augmentation.
+        The row; `train_error` is NaN without `evaluation`, `running_train_error` the last epoch's running
+        average under augmentation.
 
     Raises:
         ValueError: a key of the training contract is missing.
@@ -630,10 +614,7 @@ _TABLE_NUMBERS = (
 
 
 def model_table(records: Sequence[Mapping]) -> pd.DataFrame:
-    """Aggregate member records into one row per model: mean and standard deviation over seeds.
-
-    Args:
-        records: rows of `member_record`.
+    """Aggregate `member_record` rows into one row per model: mean and standard deviation over seeds.
 
     Returns:
         Columns model, family, depth, seeds, params, macs, then `<number>_mean` and `<number>_std`
@@ -721,8 +702,8 @@ def render_design(design: Mapping) -> str:
     """The study's design as registered in `conf/`, as a Markdown list (the report's first section).
 
     Args:
-        design: `data`, `models`, `seeds`, `model`, `optimizer`, `schedule`, `trainer`, `steps`,
-            `alpha`, `margin`, `convergence` and `params` (model -> trainable parameters), as
+        design: `data`, `models`, `seeds`, `model`, `optimizer`, `schedule`, `trainer`, `steps`, `alpha`,
+            `margin`, `test`, `convergence` and `params` (model -> trainable parameters), as
             `resnet_lab.compare` gathers them.
     """
     model, optimizer, trainer = design["model"], design["optimizer"], design["trainer"]
@@ -782,13 +763,11 @@ def render_report(
     """The degradation report in Markdown: the design it ran, the verdict, then the numbers behind it.
 
     Args:
-        result: what `verdict` returned.
-        table_markdown: what `render_table` returned.
-        figure_path: the learning-curves figure, relative to the report.
+        result, slopes: what `verdict` and `convergence` returned.
+        table_markdown, seeds_markdown: what `render_table` and `render_seeds` returned.
+        figure_path, seeds_figure: the `plot_learning_curves` and `plot_final_errors` figures, relative to
+            the report.
         design: see `render_design`.
-        slopes: what `convergence` returned.
-        seeds_markdown: what `render_seeds` returned: the errors the tests compared, seed by seed.
-        seeds_figure: the `plot_final_errors` figure, relative to the report.
     """
     falling = [model for model, slope in slopes.items() if not slope["converged"]]
     convergence_note = (

@@ -90,9 +90,8 @@ def train(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> dict:
 
     Args:
         cfg: the composed configuration (conf/ or params.yaml).
-        output_dir: where the model, history and checkpoints go (a Hydra job's directory). A directory
-            that holds an unfinished run's checkpoint resumes it. When None (the DVC stage), the run
-            works in `checkpoint_dir(cfg)`, which is no DVC output, so that a killed stage resumes from
+        output_dir: where the model, history and checkpoints go (a Hydra job's directory). None (the DVC
+            stage) works in `checkpoint_dir(cfg)`, which is no DVC output, so that a killed stage resumes from
             it (if its configuration is unchanged), and puts its results in `run_dir(cfg)` at the end.
 
     Returns:
